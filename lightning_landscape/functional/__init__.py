@@ -1,0 +1,40 @@
+"""The math on any ``nn.Module``: Hessian-vector products, eigenvalues, trace, density.
+
+Imports torch only (never Lightning), so it serves plain PyTorch loops and post-hoc analysis.
+
+Example:
+    >>> from lightning_landscape import functional as LF
+    >>> sorted(n for n in LF.__all__ if n.startswith("hessian"))
+    ['hessian_density', 'hessian_eigenvalues', 'hessian_trace']
+"""
+
+from lightning_landscape.functional._params import ParamSpec, select_parameters
+from lightning_landscape.functional.eigen import EigenResult, hessian_eigenvalues, top_eigenvalues
+from lightning_landscape.functional.hvp import HVP_METHODS, LossFn, LossOperator, MeasurementError, hvp
+from lightning_landscape.functional.trace import (
+    DensityResult,
+    TraceResult,
+    hessian_density,
+    hessian_trace,
+    slq_density,
+    trace_estimate,
+)
+
+__all__ = [
+    "HVP_METHODS",
+    "DensityResult",
+    "EigenResult",
+    "LossFn",
+    "LossOperator",
+    "MeasurementError",
+    "ParamSpec",
+    "TraceResult",
+    "hessian_density",
+    "hessian_eigenvalues",
+    "hessian_trace",
+    "hvp",
+    "select_parameters",
+    "slq_density",
+    "top_eigenvalues",
+    "trace_estimate",
+]

@@ -1,0 +1,51 @@
+"""Helpers for probe batches: their sample counts and autograd-safe copies."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from torch import Tensor
+
+__all__ = ["apply_to_tensors", "batch_size"]
+
+
+def apply_to_tensors(batch: Any, fn: Callable[[Tensor], Tensor]) -> Any:
+    """Apply ``fn`` to every tensor in a nested batch (tuples, lists, dicts), keeping its structure.
+
+    Example:
+        >>> import torch
+        >>> apply_to_tensors({"x": torch.ones(2), "n": 3}, lambda t: t * 2)
+        {'x': tensor([2., 2.]), 'n': 3}
+    """
+    if isinstance(batch, Tensor):
+        return fn(batch)
+    if isinstance(batch, Mapping):
+        return type(batch)({k: apply_to_tensors(v, fn) for k, v in batch.items()})
+    if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # namedtuple
+        return type(batch)(*(apply_to_tensors(v, fn) for v in batch))
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(apply_to_tensors(v, fn) for v in batch)
+    return batch
+
+
+def batch_size(batch: Any) -> int:
+    """Number of samples in a batch: the leading size of its first tensor (1 if it holds none).
+
+    Example:
+        >>> import torch
+        >>> batch_size((torch.zeros(5, 3), torch.zeros(5)))
+        5
+    """
+    if isinstance(batch, Tensor):
+        return int(batch.shape[0]) if batch.dim() > 0 else 1
+    if isinstance(batch, Mapping):
+        items = list(batch.values())
+    elif isinstance(batch, (list, tuple)):
+        items = list(batch)
+    else:
+        return 1
+    for item in items:
+        if isinstance(item, (Tensor, Mapping, list, tuple)):
+            return batch_size(item)
+    return 1

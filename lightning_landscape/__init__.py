@@ -1,1 +1,14 @@
-"""lightning-landscape."""
+"""lightning-landscape: watch, and train for, the geometry of the loss landscape in PyTorch Lightning.
+
+Example:
+    >>> from lightning_landscape import HessianCallback, functional
+    >>> HessianCallback(every_n_epochs=1).prefix
+    'hessian'
+"""
+
+from lightning_landscape import functional
+from lightning_landscape.callbacks import HessianCallback
+
+__version__ = "0.1.0"
+
+__all__ = ["HessianCallback", "__version__", "functional"]

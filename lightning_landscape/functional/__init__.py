@@ -8,6 +8,7 @@ Example:
     ['hessian_density', 'hessian_eigenvalues', 'hessian_trace']
 """
 
+from lightning_landscape.functional._operator import DenseOperator, SymmetricOperator
 from lightning_landscape.functional._params import ParamSpec, select_parameters
 from lightning_landscape.functional.eigen import EigenResult, hessian_eigenvalues, top_eigenvalues
 from lightning_landscape.functional.hvp import HVP_METHODS, LossFn, LossOperator, MeasurementError, hvp
@@ -22,12 +23,14 @@ from lightning_landscape.functional.trace import (
 
 __all__ = [
     "HVP_METHODS",
+    "DenseOperator",
     "DensityResult",
     "EigenResult",
     "LossFn",
     "LossOperator",
     "MeasurementError",
     "ParamSpec",
+    "SymmetricOperator",
     "TraceResult",
     "hessian_density",
     "hessian_eigenvalues",

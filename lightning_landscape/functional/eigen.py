@@ -10,6 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_landscape.functional._lanczos import lanczos
+from lightning_landscape.functional._operator import SymmetricOperator
 from lightning_landscape.functional._random import gaussian, make_generator
 from lightning_landscape.functional.hvp import LossFn, LossOperator
 
@@ -47,18 +48,15 @@ def _error_estimates(theta: Tensor, residuals: Tensor) -> Tensor:
 
 
 def top_eigenvalues(
-    matvec: Any,
-    n: int,
+    operator: SymmetricOperator,
     k: int = 1,
     *,
     init: Tensor | None = None,
     max_hvps: int = 100,
     tol: float = 1e-3,
     generator: torch.Generator | None = None,
-    dtype: torch.dtype = torch.float32,
-    device: torch.device | str = "cpu",
 ) -> EigenResult:
-    """Largest-``k`` eigenpairs of the symmetric operator ``matvec`` (``[p, n] -> [p, n]``).
+    """Largest-``k`` eigenpairs of a symmetric ``operator`` by Lanczos with full reorthogonalization.
 
     Stops when each of the top ``k`` Ritz values ``θ`` is within ``tol·|θ|`` of an eigenvalue by
     the residual bound ``r`` (``r`` the Lanczos residual norm), or when both the gap estimate
@@ -67,11 +65,13 @@ def top_eigenvalues(
     eigenvectors) sets the start vector to their normalized sum, so nearby eigenvectors converge in a few products.
 
     Example:
+        >>> from lightning_landscape.functional import DenseOperator
         >>> a = torch.diag(torch.tensor([5.0, 3.0, 1.0, 0.5]))
-        >>> r = top_eigenvalues(lambda v: v @ a, 4, k=2)
+        >>> r = top_eigenvalues(DenseOperator(a), k=2)
         >>> [round(x, 4) for x in r.eigenvalues.tolist()], r.num_hvps <= 4
         ([5.0, 3.0], True)
     """
+    n, dtype, device = operator.size, operator.dtype, torch.device(operator.device)
     if k < 1:
         raise ValueError(f"`k` must be >= 1, got {k}.")
     if k > n:
@@ -81,7 +81,6 @@ def top_eigenvalues(
     if tol <= 0:
         raise ValueError(f"`tol` must be > 0, got {tol}.")
     generator = make_generator(generator)
-    device = torch.device(device)
     if init is not None:
         init = init.reshape(-1, n).to(device=device, dtype=dtype)
         start = init.sum(dim=0, keepdim=True)
@@ -110,7 +109,7 @@ def top_eigenvalues(
         converged = bool(((res <= tol * scale) | (torch.maximum(bound, change) <= tol * scale)).all())
         return converged
 
-    run = lanczos(matvec, start, max_hvps, stop=stop, generator=generator)
+    run = lanczos(operator.matmat, start, max_hvps, stop=stop, generator=generator)
     t = run.tridiagonal(0)
     theta, s = torch.linalg.eigh(t)
     order = torch.argsort(theta, descending=True)[:k]
@@ -118,7 +117,7 @@ def top_eigenvalues(
     basis = run.basis[0, :m]
     vectors = s[:, order].T.to(device=device, dtype=dtype) @ basis
     vectors = vectors / vectors.norm(dim=1, keepdim=True)
-    return EigenResult(theta[order], vectors, run.num_matvecs, converged)
+    return EigenResult(theta[order], vectors, run.num_matvecs, converged, getattr(operator, "method", ""))
 
 
 def hessian_eigenvalues(
@@ -134,7 +133,6 @@ def hessian_eigenvalues(
     generator: torch.Generator | None = None,
     hvp_method: str = "auto",
     eval_mode: bool = True,
-    operator: LossOperator | None = None,
 ) -> EigenResult:
     """Top-``k`` eigenvalues (largest algebraic first) of the Hessian of the probe loss.
 
@@ -146,11 +144,10 @@ def hessian_eigenvalues(
         params: parameters to differentiate (default: all with ``requires_grad``).
         init: ``[m, numel]`` vectors to warm-start from (last result's ``eigenvectors``).
         max_hvps: product budget.
-        tol: relative eigenvalue error to stop at (estimated from Lanczos residuals).
+        tol: relative eigenvalue error to stop at (see :func:`top_eigenvalues`).
         generator: source of the random start vector.
         hvp_method: see :data:`~lightning_landscape.functional.HVP_METHODS`.
         eval_mode: measure in eval mode.
-        operator: an entered :class:`LossOperator` to use instead of building one.
 
     Example:
         >>> torch.manual_seed(0) and None
@@ -161,22 +158,5 @@ def hessian_eigenvalues(
         >>> r.eigenvalues.shape, r.eigenvectors.shape, r.converged
         (torch.Size([2]), torch.Size([2, 4]), True)
     """
-    if operator is None:
-        with LossOperator(model, loss_fn, batches, params, hvp_method=hvp_method, eval_mode=eval_mode) as op:
-            return hessian_eigenvalues(
-                model, loss_fn, batches, k, init=init, max_hvps=max_hvps, tol=tol, generator=generator, operator=op
-            )
-    op = operator
-    result = top_eigenvalues(
-        op.hvp,
-        op.spec.numel,
-        k,
-        init=init,
-        max_hvps=max_hvps,
-        tol=tol,
-        generator=generator,
-        dtype=op.spec.dtype,
-        device=op.spec.device,
-    )
-    result.hvp_method = op.method
-    return result
+    with LossOperator(model, loss_fn, batches, params, hvp_method=hvp_method, eval_mode=eval_mode) as op:
+        return top_eigenvalues(op, k, init=init, max_hvps=max_hvps, tol=tol, generator=generator)

@@ -129,6 +129,9 @@ class LossOperator:
         self.eval_mode = eval_mode
         self.chunk_size = chunk_size
         self.fd_step = fd_step
+        self.size = self.spec.numel
+        self.dtype = self.spec.dtype
+        self.device = self.spec.device
         self._wrapper = _LossModule(model, loss_fn)
         self._selected = set(self.spec.names)
         self._local_counts = [batch_size(b) for b in self.batches]
@@ -258,6 +261,10 @@ class LossOperator:
             return "auto"
         name, math_sdpa = self._method
         return name + ("+math_sdpa" if math_sdpa else "")
+
+    def matmat(self, vectors: Tensor) -> Tensor:
+        """Alias of :meth:`hvp`: the :class:`SymmetricOperator` interface the algorithms call."""
+        return self.hvp(vectors)
 
     def hvp(self, vectors: Tensor) -> Tensor:
         """Hessian-vector products ``H v`` for each row of ``vectors`` (``[k, numel]`` → ``[k, numel]``)."""

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -11,6 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_landscape.functional._lanczos import lanczos
+from lightning_landscape.functional._operator import SymmetricOperator
 from lightning_landscape.functional._random import gaussian, make_generator, rademacher
 from lightning_landscape.functional.hvp import LossFn, LossOperator
 
@@ -24,7 +25,6 @@ __all__ = [
 ]
 
 TRACE_METHODS = ("hutch++", "hutchinson")
-MatVec = Callable[[Tensor], Tensor]
 
 
 @dataclass
@@ -55,19 +55,16 @@ class DensityResult:
     hvp_method: str = ""
 
 
-def _quadratic_forms(matvec: MatVec, vectors: Tensor) -> Tensor:
-    return (vectors * matvec(vectors)).sum(dim=1).double()
+def _quadratic_forms(operator: SymmetricOperator, vectors: Tensor) -> Tensor:
+    return (vectors * operator.matmat(vectors)).sum(dim=1).double()
 
 
 def trace_estimate(
-    matvec: MatVec,
-    n: int,
+    operator: SymmetricOperator,
     num_hvps: int = 99,
     *,
     method: str = "hutch++",
     generator: torch.Generator | None = None,
-    dtype: torch.dtype = torch.float32,
-    device: torch.device | str = "cpu",
 ) -> TraceResult:
     """Estimate ``tr(A)`` of a symmetric operator from ``num_hvps`` products.
 
@@ -78,8 +75,9 @@ def trace_estimate(
     Hutchinson. Products are batched.
 
     Example:
+        >>> from lightning_landscape.functional import DenseOperator
         >>> a = torch.diag(torch.arange(1.0, 11.0))
-        >>> round(trace_estimate(lambda v: v @ a, 10, 30).estimate, 3)
+        >>> round(trace_estimate(DenseOperator(a), 30).estimate, 3)
         55.0
     """
     if method not in TRACE_METHODS:
@@ -88,24 +86,24 @@ def trace_estimate(
     if num_hvps < min_hvps:
         raise ValueError(f"`num_hvps` must be >= {min_hvps} for {method}, got {num_hvps}.")
     generator = make_generator(generator)
-    device = torch.device(device)
+    n, dtype, device = operator.size, operator.dtype, torch.device(operator.device)
     exact = 0.0
     if method == "hutch++":
         sketch = min(num_hvps // 3, n)
         s = rademacher((sketch, n), generator, dtype, device)
-        q, _ = torch.linalg.qr(matvec(s).T)  # [n, sketch]
+        q, _ = torch.linalg.qr(operator.matmat(s).T)  # [n, sketch]
         q = q.T.contiguous()
-        exact = float(_quadratic_forms(matvec, q).sum())
+        exact = float(_quadratic_forms(operator, q).sum())
         tests = num_hvps - 2 * sketch
         g = rademacher((tests, n), generator, dtype, device)
         g = g - (g @ q.T) @ q
     else:
         tests = num_hvps
         g = rademacher((tests, n), generator, dtype, device)
-    forms = _quadratic_forms(matvec, g) if tests > 0 else torch.zeros(0, dtype=torch.float64)
+    forms = _quadratic_forms(operator, g) if tests > 0 else torch.zeros(0, dtype=torch.float64)
     rest = float(forms.mean()) if tests > 0 else 0.0
     stderr = float(forms.std() / math.sqrt(tests)) if tests > 1 else float("nan")
-    return TraceResult(exact + rest, stderr, num_hvps, method)
+    return TraceResult(exact + rest, stderr, num_hvps, method, getattr(operator, "method", ""))
 
 
 def hessian_trace(
@@ -119,7 +117,6 @@ def hessian_trace(
     generator: torch.Generator | None = None,
     hvp_method: str = "auto",
     eval_mode: bool = True,
-    operator: LossOperator | None = None,
 ) -> TraceResult:
     """Trace of the Hessian of the probe loss (Hutch++ by default, ``num_hvps`` products).
 
@@ -133,34 +130,18 @@ def hessian_trace(
         >>> abs(t.estimate - exact) < 1e-4
         True
     """
-    if operator is None:
-        with LossOperator(model, loss_fn, batches, params, hvp_method=hvp_method, eval_mode=eval_mode) as op:
-            return hessian_trace(model, loss_fn, batches, num_hvps, method=method, generator=generator, operator=op)
-    op = operator
-    result = trace_estimate(
-        op.hvp,
-        op.spec.numel,
-        num_hvps,
-        method=method,
-        generator=generator,
-        dtype=op.spec.dtype,
-        device=op.spec.device,
-    )
-    result.hvp_method = op.method
-    return result
+    with LossOperator(model, loss_fn, batches, params, hvp_method=hvp_method, eval_mode=eval_mode) as op:
+        return trace_estimate(op, num_hvps, method=method, generator=generator)
 
 
 def slq_density(
-    matvec: MatVec,
-    n: int,
+    operator: SymmetricOperator,
     *,
     num_probes: int = 4,
     num_steps: int = 40,
     grid_size: int = 512,
     sigma: float | None = None,
     generator: torch.Generator | None = None,
-    dtype: torch.dtype = torch.float32,
-    device: torch.device | str = "cpu",
 ) -> DensityResult:
     """Spectral density of a symmetric operator by stochastic Lanczos quadrature.
 
@@ -171,8 +152,9 @@ def slq_density(
     ``sigma`` defaults to 1% of the spectral range.
 
     Example:
+        >>> from lightning_landscape.functional import DenseOperator
         >>> a = torch.diag(torch.cat([torch.zeros(50), torch.full((50,), 10.0)]))
-        >>> d = slq_density(lambda v: v @ a, 100, num_probes=2, num_steps=5)
+        >>> d = slq_density(DenseOperator(a), num_probes=2, num_steps=5)
         >>> mass_high = d.density[d.grid > 5].sum() / d.density.sum()
         >>> 0.3 < float(mass_high) < 0.7
         True
@@ -183,9 +165,9 @@ def slq_density(
     if sigma is not None and sigma <= 0:
         raise ValueError(f"`sigma` must be > 0 or None, got {sigma}.")
     generator = make_generator(generator)
-    device = torch.device(device)
+    n, dtype, device = operator.size, operator.dtype, torch.device(operator.device)
     start = gaussian((num_probes, n), generator, dtype, device)
-    run = lanczos(matvec, start, num_steps)
+    run = lanczos(operator.matmat, start, num_steps)
     steps = max(run.lengths)
     nodes = torch.full((num_probes, steps), float("nan"), dtype=torch.float64)
     weights = torch.zeros(num_probes, steps, dtype=torch.float64)
@@ -204,7 +186,9 @@ def slq_density(
         sigma * math.sqrt(2 * math.pi)
     )
     density = (weights[..., None] * kernel).sum(dim=1).mean(dim=0)
-    return DensityResult(grid, density, nodes, weights, sigma, run.num_matvecs * num_probes)
+    return DensityResult(
+        grid, density, nodes, weights, sigma, run.num_matvecs * num_probes, getattr(operator, "method", "")
+    )
 
 
 def hessian_density(
@@ -220,7 +204,6 @@ def hessian_density(
     generator: torch.Generator | None = None,
     hvp_method: str = "auto",
     eval_mode: bool = True,
-    operator: LossOperator | None = None,
 ) -> DensityResult:
     """Spectral density of the Hessian of the probe loss (SLQ; see :func:`slq_density`).
 
@@ -233,30 +216,7 @@ def hessian_density(
         >>> d.grid.shape == d.density.shape
         True
     """
-    if operator is None:
-        with LossOperator(model, loss_fn, batches, params, hvp_method=hvp_method, eval_mode=eval_mode) as op:
-            return hessian_density(
-                model,
-                loss_fn,
-                batches,
-                num_probes=num_probes,
-                num_steps=num_steps,
-                grid_size=grid_size,
-                sigma=sigma,
-                generator=generator,
-                operator=op,
-            )
-    op = operator
-    result = slq_density(
-        op.hvp,
-        op.spec.numel,
-        num_probes=num_probes,
-        num_steps=num_steps,
-        grid_size=grid_size,
-        sigma=sigma,
-        generator=generator,
-        dtype=op.spec.dtype,
-        device=op.spec.device,
-    )
-    result.hvp_method = op.method
-    return result
+    with LossOperator(model, loss_fn, batches, params, hvp_method=hvp_method, eval_mode=eval_mode) as op:
+        return slq_density(
+            op, num_probes=num_probes, num_steps=num_steps, grid_size=grid_size, sigma=sigma, generator=generator
+        )

@@ -157,14 +157,25 @@ class MeasurementCallback(Callback):
             )
 
     def _take_probe(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> list[Any]:
-        loader = trainer.train_dataloader
-        if isinstance(loader, dict):
-            loader = next(iter(loader.values()))
-        elif isinstance(loader, (list, tuple)):
-            loader = loader[0]
+        loader = _first_loader(trainer.train_dataloader)
         if loader is None:
             raise MeasurementError("no train dataloader to take probe batches from")
         return self._to_device(trainer, take_batches(loader, self.num_batches, seed=self.seed))
+
+    def take_val_probe(self, trainer: pl.Trainer) -> list[Any] | None:
+        """``num_batches`` fixed batches of the (first) validation loader, or ``None`` if there is none."""
+        loader = _first_loader(trainer.val_dataloaders)
+        if loader is None:
+            val_loop = trainer.fit_loop.epoch_loop.val_loop
+            try:
+                val_loop.setup_data()
+            except Exception:  # noqa: BLE001 - no val loader configured is a normal case
+                return None
+            loader = _first_loader(trainer.val_dataloaders)
+        if loader is None:
+            return None
+        batches = take_batches(loader, self.num_batches, seed=self.seed)
+        return self._to_device(trainer, batches) if batches else None
 
     @staticmethod
     def _to_device(trainer: pl.Trainer, batches: Sequence[Any]) -> list[Any]:
@@ -255,6 +266,14 @@ class MeasurementCallback(Callback):
         metrics[f"{self.prefix}/seconds"] = time.perf_counter() - start
         self.last_metrics = metrics
         self._logger.log(trainer, metrics, figures)
+
+
+def _first_loader(loaders: Any) -> Any:
+    if isinstance(loaders, dict):
+        return next(iter(loaders.values()), None)
+    if isinstance(loaders, (list, tuple)):
+        return loaders[0] if loaders else None
+    return loaders
 
 
 def _finite(value: float) -> bool:

@@ -169,7 +169,7 @@ class MeasurementCallback(Callback):
             val_loop = trainer.fit_loop.epoch_loop.val_loop
             try:
                 val_loop.setup_data()
-            except Exception:  # noqa: BLE001 - no val loader configured is a normal case
+            except Exception:  # no val loader configured is a normal case
                 return None
             loader = _first_loader(trainer.val_dataloaders)
         if loader is None:

@@ -11,9 +11,10 @@ Directions are flat vectors in the layout of :class:`~lightning_landscape.functi
 parameters in ``model.named_parameters()`` order (by default those with ``requires_grad``), each flattened
 row-major, concatenated. ``random_directions`` returns them as rows of a ``[count, numel]`` tensor.
 
-The grid never touches the module: each point is formed in one scratch buffer (``θ + a·δ + b·η``, two vector
-operations) that :func:`torch.func.functional_call` substitutes for the parameters, so the slice costs one
-forward pass per point and batch and nothing else; losses stay on the device until one transfer at the end.
+The grid never touches the module: each point is formed in one scratch vector, ``(θ + a·δ) + b·η`` (one vector
+operation per point; ``θ + a·δ`` once per row), whose views :func:`torch.func.functional_call` substitutes for
+the parameters for the whole grid, so the slice costs one forward pass per point and batch and nothing else;
+losses stay on the device until one transfer at the end.
 """
 
 from __future__ import annotations
@@ -355,12 +356,18 @@ def _evaluate(
         counts = [batch_size(b) for b in op.batches]
         device = spec.device
 
+        row = torch.empty_like(theta) if any(b is not None for _, b in points) else point
+        row_a: float | None = None
+
         def run(net: nn.Module) -> Tensor:
+            nonlocal row_a
             values = []  # 0-dim device tensors, no host synchronisation until the end
-            for a, b in points:
-                torch.add(theta, dirs[0], alpha=a, out=point)
+            for a, b in points:  # one vector operation per point: point = (θ + a·δ) + b·η
+                if a != row_a:
+                    torch.add(theta, dirs[0], alpha=a, out=row)
+                    row_a = a
                 if b is not None:
-                    point.add_(dirs[1], alpha=b)
+                    torch.add(row, dirs[1], alpha=b, out=point)
                 for batch in op.batches:
                     for scratch, original in buffer_pairs:
                         scratch.copy_(original)
@@ -368,7 +375,7 @@ def _evaluate(
                     if not isinstance(loss, Tensor) or loss.numel() != 1:
                         shape = tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__
                         raise ValueError(f"`loss_fn` must return a scalar tensor, got {shape}.")
-                    values.append(loss.reshape(()))
+                    values.append(loss if loss.dim() == 0 else loss.reshape(()))
             return torch.stack(values).reshape(len(points), len(op.batches))
 
         failure: BaseException | None = None

@@ -1,0 +1,134 @@
+"""Nothing lost: every functional measurement leaves the module and the RNGs exactly as they were."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from lightning_landscape import functional as LF
+
+
+def _bn_dropout_net() -> nn.Module:
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        nn.Dropout(0.3),
+        nn.Flatten(),
+        nn.Linear(4 * 8 * 8, 10),
+    )
+    net[0].bias.requires_grad_(False)  # a frozen parameter stays frozen
+    return net
+
+
+def _loss(model, batch):
+    x, y = batch
+    return nn.functional.cross_entropy(model(x), y)
+
+
+def _snapshot(model):
+    return {
+        "state": {k: v.clone() for k, v in model.state_dict().items()},
+        "grads": {n: None if p.grad is None else p.grad.clone() for n, p in model.named_parameters()},
+        "requires_grad": {n: p.requires_grad for n, p in model.named_parameters()},
+        "modes": [m.training for m in model.modules()],
+        "torch_rng": torch.random.get_rng_state(),
+        "py_rng": random.getstate(),
+        "np_rng": np.random.get_state()[1].copy(),
+    }
+
+
+def _assert_same(before, after):
+    for key in before["state"]:
+        assert torch.equal(before["state"][key], after["state"][key]), key
+    for key, g in before["grads"].items():
+        assert (g is None and after["grads"][key] is None) or torch.equal(g, after["grads"][key]), key
+    assert before["requires_grad"] == after["requires_grad"]
+    assert before["modes"] == after["modes"]
+    assert torch.equal(before["torch_rng"], after["torch_rng"])
+    assert before["py_rng"] == after["py_rng"]
+    assert np.array_equal(before["np_rng"], after["np_rng"])
+
+
+MEASUREMENTS = {
+    "eigenvalues": lambda m, b: LF.hessian_eigenvalues(m, _loss, b, k=2, max_hvps=10),
+    "trace": lambda m, b: LF.hessian_trace(m, _loss, b, num_hvps=9),
+    "density": lambda m, b: LF.hessian_density(m, _loss, b, num_probes=2, num_steps=4),
+    "hvp": lambda m, b: LF.hvp(m, _loss, b, torch.ones(2, LF.ParamSpec(m).numel)),
+    "train_mode_eigenvalues": lambda m, b: LF.hessian_eigenvalues(m, _loss, b, k=1, max_hvps=5, eval_mode=False),
+}
+
+
+@pytest.mark.parametrize("name", sorted(MEASUREMENTS))
+@pytest.mark.parametrize("training", [True, False])
+def test_state_untouched(name, training):
+    net = _bn_dropout_net()
+    x, y = torch.randn(16, 1, 8, 8), torch.randint(0, 10, (16,))
+    _loss(net, (x, y)).backward()  # populated .grad must survive
+    net.train(training)
+    net[3].eval()  # mixed modes must come back exactly
+    before = _snapshot(net)
+    MEASUREMENTS[name](net, [(x, y)])
+    _assert_same(before, _snapshot(net))
+
+
+def test_under_autocast_and_inference_mode():
+    net = _bn_dropout_net()
+    x, y = torch.randn(16, 1, 8, 8), torch.randint(0, 10, (16,))
+    reference = LF.hessian_eigenvalues(net, _loss, [(x, y)], k=1, tol=1e-6).eigenvalues
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under_autocast = LF.hessian_eigenvalues(net, _loss, [(x, y)], k=1, tol=1e-6).eigenvalues
+    with torch.inference_mode():
+        xi, yi = x.clone(), y.clone()  # inference tensors as probe data
+        under_inference = LF.hessian_eigenvalues(net, _loss, [(xi, yi)], k=1, tol=1e-6).eigenvalues
+    torch.testing.assert_close(under_autocast, reference)  # measured in float32, outside autocast
+    torch.testing.assert_close(under_inference, reference)
+
+
+def test_selected_parameter_without_requires_grad():
+    net = _bn_dropout_net()
+    x, y = torch.randn(16, 1, 8, 8), torch.randint(0, 10, (16,))
+    r = LF.hessian_eigenvalues(net, _loss, [(x, y)], params=["0.bias"], k=1)
+    assert r.eigenvectors.shape == (1, 4)
+    assert not net[0].bias.requires_grad
+
+
+def test_sample_weighted_mean_over_batches():
+    torch.manual_seed(0)
+    model = nn.Linear(3, 1, bias=False)
+    x = torch.randn(10, 3)
+
+    def loss_fn(m, b):
+        return 0.5 * m(b).pow(2).mean()
+
+    whole = LF.hvp(model, loss_fn, [x], torch.eye(3))
+    split = LF.hvp(model, loss_fn, [x[:8], x[8:]], torch.eye(3))  # 8 + 2: the short batch weighs 2/10
+    torch.testing.assert_close(split, whole)
+    torch.testing.assert_close(whole, x.T @ x / 10)
+
+
+@pytest.mark.parametrize(
+    ("call", "name"),
+    [
+        (lambda m, b: LF.hessian_eigenvalues(m, _loss, b, k=0), "k"),
+        (lambda m, b: LF.hessian_eigenvalues(m, _loss, b, tol=0), "tol"),
+        (lambda m, b: LF.hessian_trace(m, _loss, b, method="exact"), "method"),
+        (lambda m, b: LF.hessian_trace(m, _loss, b, num_hvps=2), "num_hvps"),
+        (lambda m, b: LF.hessian_density(m, _loss, b, num_probes=0), "num_probes"),
+        (lambda m, b: LF.hessian_eigenvalues(m, "loss", b), "loss_fn"),
+        (lambda m, b: LF.hessian_eigenvalues(m, _loss, []), "batches"),
+        (lambda m, b: LF.hessian_eigenvalues(m, _loss, b, hvp_method="magic"), "hvp_method"),
+        (lambda m, b: LF.hessian_eigenvalues(m, _loss, b, params=["nope"]), "params"),
+        (lambda m, b: LF.hessian_eigenvalues(m, lambda mm, bb: mm(bb[0]).sum(1), b), "loss_fn"),
+    ],
+)
+def test_bad_arguments_name_the_argument(call, name):
+    net = _bn_dropout_net()
+    batch = [(torch.randn(4, 1, 8, 8), torch.randint(0, 10, (4,)))]
+    with pytest.raises((ValueError, TypeError), match=name):
+        call(net, batch)

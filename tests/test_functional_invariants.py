@@ -132,3 +132,29 @@ def test_bad_arguments_name_the_argument(call, name):
     batch = [(torch.randn(4, 1, 8, 8), torch.randint(0, 10, (4,)))]
     with pytest.raises((ValueError, TypeError), match=name):
         call(net, batch)
+
+
+def test_out_of_memory_retries_with_smaller_chunks(monkeypatch):
+    """A batch of products that does not fit is halved until it does (simulated on the CPU)."""
+    net = _bn_dropout_net()
+    batch = [(torch.randn(8, 1, 8, 8), torch.randint(0, 10, (8,)))]
+    vectors = torch.randn(8, LF.ParamSpec(net).numel, generator=torch.Generator().manual_seed(0))
+    reference = LF.hvp(net, _loss, batch, vectors, hvp_method="double_backward")
+    with LF.LossOperator(net, _loss, batch, hvp_method="double_backward") as op:
+        real = op._local_hvp
+        sizes = []
+
+        def limited(v, *args, **kwargs):
+            sizes.append(v.shape[0])
+            if v.shape[0] > 2:
+                raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+            return real(v, *args, **kwargs)
+
+        monkeypatch.setattr(op, "_local_hvp", limited)
+        got = op.hvp(vectors)
+        assert op.chunk_size == 2
+        assert sizes[:3] == [8, 4, 2]
+        torch.testing.assert_close(got, reference)
+        monkeypatch.setattr(op, "_local_hvp", lambda *a, **k: (_ for _ in ()).throw(torch.OutOfMemoryError("x")))
+        with pytest.raises(LF.MeasurementError, match="out of memory"):
+            op.hvp(vectors)

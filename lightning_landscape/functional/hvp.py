@@ -47,6 +47,14 @@ class MeasurementError(RuntimeError):
     derivative, or a failure on another process)."""
 
 
+class _OutOfMemory(RuntimeError):
+    """Every failing process ran out of memory: retry with fewer vectors at a time."""
+
+
+def _is_oom(err: BaseException) -> bool:
+    return isinstance(err, torch.OutOfMemoryError) or "out of memory" in str(err).lower()
+
+
 class _LossModule(nn.Module):
     """Wraps ``loss_fn(model, batch)`` as a module so ``functional_call`` can reparametrize it."""
 
@@ -87,7 +95,8 @@ class LossOperator:
             buffers are evaluated on copies, so running statistics are still never updated.
         reduce_fn: sums a tensor across processes (identity when ``None``); every process
             must call the operator in the same order.
-        chunk_size: the most vectors pushed through one batched product (memory bound).
+        chunk_size: the most vectors pushed through one batched product (memory bound). On running
+            out of memory the chunk is halved and the product retried, down to one vector.
         fd_step: relative size of the central finite-difference step (default ``eps^(1/3) / 8`` of the
             dtype, ~6e-4 in float32), scaled by ``(1 + rms(θ)) / rms(v)``. Finite differences see the
             kinks of ReLU-like activations, which the autograd Hessian ignores: on such models they
@@ -167,22 +176,33 @@ class LossOperator:
 
     # ------------------------------------------------------------------ reduction
     def _reduce(self, local: Tensor, failure: BaseException | None = None) -> Tensor:
-        """Sum ``local`` across processes; if any process failed, raise on all of them."""
+        """Sum ``local`` across processes; if any process failed, raise on all of them.
+
+        Two flags travel with the data: failures, and out-of-memory failures. When every failure
+        was out of memory, all processes raise :class:`_OutOfMemory` together, so they can all
+        retry with smaller chunks.
+        """
         if self.reduce_fn is None:
+            if failure is not None and _is_oom(failure):
+                raise _OutOfMemory() from failure
             if failure is not None:
                 raise failure
             return local
-        flag = torch.tensor([0.0 if failure is None else 1.0], dtype=local.dtype, device=local.device)
+        flags = [0.0 if failure is None else 1.0, 1.0 if failure is not None and _is_oom(failure) else 0.0]
+        flag = torch.tensor(flags, dtype=local.dtype, device=local.device)
         packed = self.reduce_fn(torch.cat([local.reshape(-1), flag]))
-        if failure is not None or bool(packed[-1] > 0):
+        failed, oom = packed[-2:].tolist()
+        if failed > 0 and failed == oom:
+            raise _OutOfMemory() from failure
+        if failure is not None or failed > 0:
             raise MeasurementError("the measurement failed on at least one process") from failure
-        return packed[:-1].reshape(local.shape)
+        return packed[:-2].reshape(local.shape)
 
     def _collective(self, compute: Callable[[], Tensor], shape: Sequence[int]) -> Tensor:
         try:
             local, failure = compute(), None
         except Exception as err:
-            if self.reduce_fn is None:
+            if self.reduce_fn is None and not _is_oom(err):
                 raise
             local, failure = torch.zeros(shape, dtype=self.spec.dtype, device=self.spec.device), err
         return self._reduce(local, failure)
@@ -278,8 +298,20 @@ class LossOperator:
         if self._method is None:
             self._method = self._resolve_method(vectors[:1])
         chunk = self.chunk_size or vectors.shape[0]
-        out = [self._collective(lambda c=c: self._local_hvp(c, *self._method), c.shape) for c in vectors.split(chunk)]
-        return torch.cat(out)
+        while True:
+            try:
+                parts = [
+                    self._collective(lambda c=c: self._local_hvp(c, *self._method), c.shape)
+                    for c in vectors.split(chunk)
+                ]
+                return torch.cat(parts)
+            except _OutOfMemory:
+                if chunk == 1:
+                    raise MeasurementError("out of memory even one vector at a time") from None
+                chunk = max(1, chunk // 2)
+                self.chunk_size = chunk  # remembered: later products start from the size that fit
+                if self.spec.device.type == "cuda":
+                    torch.cuda.empty_cache()
 
     def _resolve_method(self, probe: Tensor) -> tuple[str, bool]:
         """Try the ``auto`` chain on one vector and the first batch; all processes agree."""

@@ -7,8 +7,8 @@ Example:
 """
 
 from lightning_landscape import functional
-from lightning_landscape.callbacks import HessianCallback
+from lightning_landscape.callbacks import HessianCallback, LossLandscapeCallback
 
 __version__ = "0.1.0"
 
-__all__ = ["HessianCallback", "__version__", "functional"]
+__all__ = ["HessianCallback", "LossLandscapeCallback", "__version__", "functional"]

@@ -1,5 +1,6 @@
 """Lightning callbacks that measure the loss landscape during training."""
 
 from lightning_landscape.callbacks.hessian import HessianCallback
+from lightning_landscape.callbacks.landscape import LossLandscapeCallback
 
-__all__ = ["HessianCallback"]
+__all__ = ["HessianCallback", "LossLandscapeCallback"]

@@ -203,22 +203,31 @@ class MeasurementCallback(Callback):
             self._run(trainer, pl_module)
 
     # ------------------------------------------------------------------ measuring
+    @property
+    def resolved_loss_fn(self) -> LossFn:
+        """The loss in use: the given ``loss_fn``, else the module's ``training_step``."""
+        return self.loss_fn or training_step_loss
+
+    @staticmethod
+    def reduce_fn(trainer: pl.Trainer) -> Callable[[Tensor], Tensor] | None:
+        """Sum across processes through the trainer's strategy (``None`` on one process)."""
+        if trainer.world_size <= 1:
+            return None
+
+        def reduce_sum(t: Tensor) -> Tensor:
+            return trainer.strategy.reduce(t, reduce_op="sum")
+
+        return reduce_sum
+
     def operator(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batches: Sequence[Any]) -> LossOperator:
         """A loss operator over ``batches`` for the module, reducing across processes under DDP."""
-        reduce_fn = None
-        if trainer.world_size > 1:
-
-            def reduce_fn(t: Tensor) -> Tensor:
-                return trainer.strategy.reduce(t, reduce_op="sum")
-
-        method = self._resolved_method or self.hvp_method
         return LossOperator(
             pl_module,
-            self.loss_fn or training_step_loss,
+            self.resolved_loss_fn,
             batches,
-            hvp_method=method,
+            hvp_method=self._resolved_method or self.hvp_method,
             eval_mode=self.eval_mode,
-            reduce_fn=reduce_fn,
+            reduce_fn=self.reduce_fn(trainer),
         )
 
     def measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> tuple[dict[str, float], dict[str, Figure]]:

@@ -10,7 +10,7 @@ import torch
 from matplotlib.figure import Figure
 from torch import Tensor
 
-from lightning_landscape.callbacks._base import LossFn, MeasurementCallback, check_positive_int, training_step_loss
+from lightning_landscape.callbacks._base import LossFn, MeasurementCallback, check_positive_int
 from lightning_landscape.functional._params import ParamSpec
 from lightning_landscape.functional._random import gaussian
 from lightning_landscape.functional.surface import filter_normalize, loss_line, loss_surface
@@ -144,14 +144,8 @@ class LossLandscapeCallback(MeasurementCallback):
     def measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> tuple[dict[str, float], dict[str, Figure]]:
         spec = ParamSpec(pl_module)
         dirs = filter_normalize(pl_module, self._raw_directions(spec.numel), include_1d=self.include_1d)
-        loss_fn = self.loss_fn or training_step_loss
-        reduce_fn = None
-        if trainer.world_size > 1:
-
-            def reduce_fn(t: Tensor) -> Tensor:
-                return trainer.strategy.reduce(t, reduce_op="sum")
-
-        common = dict(distance=self.distance, eval_mode=self.eval_mode, reduce_fn=reduce_fn)
+        loss_fn = self.resolved_loss_fn
+        common = dict(distance=self.distance, eval_mode=self.eval_mode, reduce_fn=self.reduce_fn(trainer))
         surface = loss_surface(pl_module, loss_fn, self._probe, self.steps, directions=dirs, **common)
         train_line = loss_line(pl_module, loss_fn, self._probe, self.steps_1d, direction=dirs[0], **common)
         val_line = None

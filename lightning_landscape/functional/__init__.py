@@ -1,4 +1,4 @@
-"""The math on any ``nn.Module``: Hessian-vector products, eigenvalues, trace, density.
+"""The math on any ``nn.Module``: Hessian-vector products, eigenvalues, trace, density, loss slices.
 
 Imports torch only (never Lightning), so it serves plain PyTorch loops and post-hoc analysis.
 
@@ -12,6 +12,15 @@ from lightning_landscape.functional._operator import DenseOperator, SymmetricOpe
 from lightning_landscape.functional._params import ParamSpec, select_parameters
 from lightning_landscape.functional.eigen import EigenResult, hessian_eigenvalues, top_eigenvalues
 from lightning_landscape.functional.hvp import HVP_METHODS, LossFn, LossOperator, MeasurementError, hvp
+from lightning_landscape.functional.surface import (
+    LineResult,
+    SurfaceResult,
+    filter_normalize,
+    grid_coords,
+    loss_line,
+    loss_surface,
+    random_directions,
+)
 from lightning_landscape.functional.trace import (
     DensityResult,
     TraceResult,
@@ -26,16 +35,23 @@ __all__ = [
     "DenseOperator",
     "DensityResult",
     "EigenResult",
+    "LineResult",
     "LossFn",
     "LossOperator",
     "MeasurementError",
     "ParamSpec",
+    "SurfaceResult",
     "SymmetricOperator",
     "TraceResult",
+    "filter_normalize",
+    "grid_coords",
     "hessian_density",
     "hessian_eigenvalues",
     "hessian_trace",
     "hvp",
+    "loss_line",
+    "loss_surface",
+    "random_directions",
     "select_parameters",
     "slq_density",
     "top_eigenvalues",

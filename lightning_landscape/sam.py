@@ -29,6 +29,7 @@ from pytorch_lightning.plugins.precision import MixedPrecision, Precision
 from pytorch_lightning.strategies import DDPStrategy, ParallelStrategy, SingleDeviceStrategy
 from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor
+from torchmetrics import Metric
 
 from lightning_landscape.functional._perturbation import ascent_step
 
@@ -127,6 +128,7 @@ class SAMMixin(pl.LightningModule):
     _sam_eta: float = 0.01
     _sam_sync_first: bool = False
     _sam_perturbed: bool = False
+    _sam_originals: dict[int, Tensor] | None = None  # during the second pass: id(tensor) -> its value at w
 
     def __init__(
         self,
@@ -233,6 +235,19 @@ class SAMMixin(pl.LightningModule):
         if len(trainer.optimizers) > 1:
             raise ValueError(f"SAMMixin supports one optimizer, got {len(trainer.optimizers)}.")
 
+    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        """``nn.Module.state_dict``; during the second pass it holds the weights and buffers at ``w``, not ``w + ε``
+        (so a checkpoint saved from a hook there is the same as one saved after the step's first pass)."""
+        state = super().state_dict(*args, **kwargs)
+        originals = self._sam_originals
+        if originals:
+            prefix = kwargs.get("prefix", "")
+            named = [*self.named_parameters(remove_duplicate=False), *self.named_buffers(remove_duplicate=False)]
+            for name, t in named:
+                if id(t) in originals and prefix + name in state:
+                    state[prefix + name] = originals[id(t)].clone()
+        return state
+
     # ------------------------------------------------------------------------------------------- the step
     def optimizer_step(
         self,
@@ -277,7 +292,7 @@ class SAMMixin(pl.LightningModule):
             torch._foreach_add_(params, eps)
             del eps, grads
         try:  # second pass at w + ε: gradient all-reduced under DDP, no logging, buffers kept
-            with self._sam_second_pass():
+            with self._sam_second_pass({id(p): w for p, w in zip(params, saved, strict=True)}):
                 if isinstance(closure, AbstractClosure):
                     closure.closure()  # keeps the first pass's result as the step's output
                 else:
@@ -290,27 +305,37 @@ class SAMMixin(pl.LightningModule):
         return loss
 
     @contextlib.contextmanager
-    def _sam_second_pass(self) -> Iterator[None]:
+    def _sam_second_pass(self, originals: dict[int, Tensor]) -> Iterator[None]:
         silenced = {"log": _no_op, "log_dict": _no_op}
         previous = {name: self.__dict__.get(name) for name in silenced}
-        buffers = list({id(b): b for b in self.buffers()}.values())
+        buffers: dict[int, Tensor] = {}
+        metrics = []
+        for m in self.modules():  # one walk: buffers to restore, metrics to freeze
+            if isinstance(m, Metric):
+                metrics.append(m)
+            for b in m._buffers.values():
+                if b is not None:
+                    buffers[id(b)] = b
         with torch.no_grad():
-            saved = [b.clone() for b in buffers]
-        metrics = _freeze_metrics(self)
+            saved = [(b, b.clone()) for b in buffers.values()]
+        originals.update((id(b), s) for b, s in saved)
+        frozen = _freeze_metrics(metrics)
         self.__dict__.update(silenced)
         self._sam_perturbed = True
+        self._sam_originals = originals
         try:
             yield
         finally:
             self._sam_perturbed = False
+            self._sam_originals = None
             for name, value in previous.items():
                 if value is None:
                     self.__dict__.pop(name, None)
                 else:
                     self.__dict__[name] = value
-            _thaw_metrics(metrics)
+            _thaw_metrics(frozen)
             with torch.no_grad():
-                for b, s in zip(buffers, saved, strict=True):
+                for b, s in saved:
                     b.copy_(s)
 
 
@@ -342,24 +367,19 @@ def _poison(params: list[Tensor], bad: Tensor) -> None:
         entry.copy_(torch.where(bad.to(grad.device), torch.full_like(entry, math.nan), entry))
 
 
-def _freeze_metrics(module: torch.nn.Module) -> list[tuple[torch.nn.Module, dict[str, Any]]]:
-    """Makes every torchmetrics ``Metric`` in ``module`` a no-op that returns the first pass's batch value."""
-    try:
-        from torchmetrics import Metric
-    except ImportError:  # pragma: no cover - torchmetrics is a dependency
-        return []
+def _freeze_metrics(metrics: list[Metric]) -> list[tuple[Metric, dict[str, Any]]]:
+    """Makes each torchmetrics ``Metric`` a no-op whose call returns the first pass's batch value."""
     frozen = []
-    for m in module.modules():
-        if isinstance(m, Metric):
-            previous = {name: m.__dict__[name] for name in ("forward", "update") if name in m.__dict__}
-            cached = m.__dict__.get("_forward_cache")
-            m.__dict__["forward"] = lambda *a, _cached=cached, **k: _cached
-            m.__dict__["update"] = _no_op
-            frozen.append((m, previous))
+    for m in metrics:
+        previous = {name: m.__dict__[name] for name in ("forward", "update") if name in m.__dict__}
+        cached = m.__dict__.get("_forward_cache")
+        m.__dict__["forward"] = lambda *a, _cached=cached, **k: _cached
+        m.__dict__["update"] = _no_op
+        frozen.append((m, previous))
     return frozen
 
 
-def _thaw_metrics(frozen: list[tuple[torch.nn.Module, dict[str, Any]]]) -> None:
+def _thaw_metrics(frozen: list[tuple[Metric, dict[str, Any]]]) -> None:
     for m, previous in frozen:
         for name in ("forward", "update"):
             if name in previous:

@@ -82,7 +82,7 @@ def reference(model, batches, lrs, rho=RHO, adaptive=False, eta=0.01, clip=None,
                 gs = [gi * torch.clamp(clip / (total + 1e-6), max=1.0) for gi in gs]
             for p, gi in zip(params, gs, strict=True):
                 p.sub_(lr * gi)
-    return [p.detach().float() for p in params]
+    return [p.detach() for p in params]
 
 
 def max_diff(a, b) -> float:
@@ -178,6 +178,16 @@ def test_bf16_mixed_matches_autocast_reference(tmp_path):
     # same autocast ops as the reference (measured 1e-9 apart); bf16 itself moves the result 4e-5 from float64
     assert max_diff(module.net.parameters(), expected) < 1e-6
     assert max_diff(plain, expected) > 5e-4
+
+
+def test_double_precision_matches_float64_reference(tmp_path):
+    module = SAMDigits(lr=LR, sam=True, sam_adaptive=True, sam_rho=0.5)
+    start = copy.deepcopy(module.net)
+    fit(module, tmp_path, steps=2, precision="64-true")
+    expected = reference(start, train_batches(2), [LR, LR], rho=0.5, adaptive=True)
+    assert all(p.dtype == torch.float64 for p in module.parameters())
+    diff = max((p - e).abs().max().item() for p, e in zip(module.net.parameters(), expected, strict=True))
+    assert diff < 1e-10  # float64 all the way (measured 2e-11); float32 storage alone would round by ~1e-9
 
 
 def fp16_plugin(init_scale: float) -> MixedPrecision:
@@ -344,6 +354,28 @@ def test_checkpoints_hold_unperturbed_weights(tmp_path):
         expected = reference(start, train_batches(step), [LR] * step)
         saved = [state[f"net.{n}"] for n, _ in start.named_parameters()]
         assert max_diff(saved, expected) < 1e-6
+
+
+def test_checkpoint_saved_during_the_second_pass_holds_w(tmp_path):
+    class SaveInSecondPass(Callback):
+        def on_after_backward(self, trainer, pl_module):
+            if pl_module.sam_perturbed and trainer.global_step == 1:
+                trainer.save_checkpoint(tmp_path / "second_pass.ckpt")
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(64, 16), nn.BatchNorm1d(16), nn.Tanh(), nn.Linear(16, 10))
+    module = SAMDigits(lr=LR, sam=True, model=net)
+    rec = Record()
+    fit(module, tmp_path, steps=2, callbacks=[SaveInSecondPass(), rec])
+    state = torch.load(tmp_path / "second_pass.ckpt", weights_only=False)["state_dict"]
+    w1 = rec.weights[1]  # the weights at the start of step 1
+    assert all(torch.equal(state[f"net.{n}"], p) for n, p in w1.named_parameters())
+    # BatchNorm statistics as after step 1's first pass: one more update from w1's batch
+    x, _ = train_batches(2)[1]
+    h = w1[0](x).detach()
+    assert (state["net.1.running_mean"] - (0.9 * w1[1].running_mean + 0.1 * h.mean(0))).abs().max() < 1e-6
+    assert state["net.1.num_batches_tracked"].item() == 2
+    assert module.state_dict()["net.0.weight"].data_ptr() == module.net[0].weight.data_ptr()  # back to normal
 
 
 def test_weights_restored_when_the_second_pass_raises(tmp_path):

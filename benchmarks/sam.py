@@ -1,0 +1,207 @@
+#!/usr/bin/env python
+"""Time per training step with and without ``SAMMixin``: same model, same data, same Trainer settings, one run.
+
+The floor is 2x (SAM does two forward-backward passes per step); what SAM adds beyond that (the ascent step,
+saving and restoring the weights and buffers, Lightning's hooks for the second pass) is the ratio's excess.
+Each step is timed from ``on_train_batch_start`` to ``on_train_batch_end`` (training_step, backward, the
+optimizer step, logging: Lightning's overhead included, the data loader's not). Within one ``Trainer.fit``
+the module switches ``sam`` on and off at alternate steps (the flag may change at any time), so a machine
+shared with other work slows both alike; reported are medians, minima, and the median over neighbouring
+(off, on) pairs of their ratio::
+
+    python benchmarks/sam.py                      # ResNet-like CNN with BatchNorm on 8x8 digits, CPU
+    python benchmarks/sam.py --model mlp --device cuda --batch-size 1024
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import platform
+import statistics
+import time
+import warnings
+
+import pytorch_lightning as pl
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_landscape.sam import SAMMixin
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--model", choices=("mlp", "cnn", "resnet"), default="resnet")
+    p.add_argument("--width", type=int, default=16, help="channels (cnn, resnet) or hidden units (mlp)")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--steps", type=int, default=300, help="timed steps (half of them SAM steps)")
+    p.add_argument("--warmup", type=int, default=10, help="untimed steps at the start")
+    p.add_argument("--adaptive", action="store_true", help="ASAM instead of SAM")
+    p.add_argument("--precision", default="32-true")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: torch's default)")
+    return p.parse_args()
+
+
+class Block(nn.Module):
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(width, width, 3, padding=1, bias=False),
+            nn.BatchNorm2d(width),
+            nn.ReLU(),
+            nn.Conv2d(width, width, 3, padding=1, bias=False),
+            nn.BatchNorm2d(width),
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.relu(x + self.body(x))
+
+
+def make_model(name: str, width: int) -> nn.Module:
+    """Small models on the 8x8 digits (inputs are the flat 64 pixels)."""
+    if name == "mlp":
+        return nn.Sequential(nn.Linear(64, width), nn.Tanh(), nn.Linear(width, width), nn.Tanh(), nn.Linear(width, 10))
+    if name == "cnn":
+        return nn.Sequential(
+            nn.Unflatten(1, (1, 8, 8)),
+            nn.Conv2d(1, width, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(width, width, 3, padding=1),
+            nn.ReLU(),
+            nn.AvgPool2d(2),
+            nn.Flatten(),
+            nn.Linear(16 * width, 10),
+        )
+    return nn.Sequential(  # a ResNet-8-like stem and three basic blocks with BatchNorm
+        nn.Unflatten(1, (1, 8, 8)),
+        nn.Conv2d(1, width, 3, padding=1, bias=False),
+        nn.BatchNorm2d(width),
+        nn.ReLU(),
+        *[Block(width) for _ in range(3)],
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(width, 10),
+    )
+
+
+class Model(SAMMixin, pl.LightningModule):
+    def __init__(self, net: nn.Module, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.net = net
+
+    def on_train_batch_start(self, batch, batch_idx):
+        self.sam = batch_idx % 2 == 1  # alternate: off, on, off, on, ...
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = nn.functional.cross_entropy(self.net(x), y)
+        self.log("train_loss", loss)
+        return loss
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
+
+
+class StepTimer(pl.Callback):
+    """Wall time of each training step after ``warmup`` steps, by the module's ``sam`` (CUDA synchronized)."""
+
+    def __init__(self, warmup: int) -> None:
+        self.warmup = warmup
+        self.times: list[tuple[bool, float]] = []
+        self._t0 = 0.0
+
+    def _now(self, module: pl.LightningModule) -> float:
+        if module.device.type == "cuda":
+            torch.cuda.synchronize(module.device)
+        return time.perf_counter()
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self._t0 = self._now(pl_module)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        elapsed = self._now(pl_module) - self._t0
+        if trainer.global_step > self.warmup:
+            self.times.append((pl_module.sam, elapsed))
+
+
+def data(batch_size: int, steps: int) -> DataLoader:
+    from sklearn.datasets import load_digits
+
+    x, y = load_digits(return_X_y=True)
+    x = torch.tensor(x, dtype=torch.float32) / 16.0
+    y = torch.tensor(y)
+    reps = -(-steps * batch_size // len(x))
+    return DataLoader(TensorDataset(x.repeat(reps, 1), y.repeat(reps)), batch_size=batch_size, shuffle=True)
+
+
+def forward_backward_ms(module: Model, loader: DataLoader, repeats: int) -> float:
+    """Median time of one forward-backward of the same model and batch size, outside Lightning."""
+    x, y = next(iter(loader))
+    x, y = x.to(module.device), y.to(module.device)
+    module.train()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        nn.functional.cross_entropy(module.net(x), y).backward()
+        if x.device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    module.zero_grad(set_to_none=True)
+    return 1e3 * statistics.median(times)
+
+
+def main() -> None:
+    args = parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore")
+    logging.getLogger("pytorch_lightning").setLevel(logging.ERROR)
+    steps = args.warmup + args.steps + args.steps % 2
+    torch.manual_seed(0)
+    net = make_model(args.model, args.width)
+    module = Model(net, sam_adaptive=args.adaptive)
+    timer = StepTimer(args.warmup)
+    trainer = pl.Trainer(
+        accelerator=args.device,
+        devices=1,
+        precision=args.precision,
+        max_steps=steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[timer],
+    )
+    device = torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or "cpu"
+    print(
+        f"SAM step-time benchmark: torch {torch.__version__}, pytorch-lightning {pl.__version__}, {device}, "
+        f"{torch.get_num_threads()} CPU threads"
+    )
+    print(
+        f"model {args.model} (width {args.width}, {sum(p.numel() for p in net.parameters()):,} parameters), "
+        f"batch {args.batch_size}, precision {args.precision}, {'ASAM' if args.adaptive else 'SAM'}; "
+        f"{args.steps} timed steps alternating off/on after {args.warmup} warm-up steps, one Trainer.fit"
+    )
+    start = time.perf_counter()
+    trainer.fit(module, data(args.batch_size, steps))
+    wall = time.perf_counter() - start
+    off = [t for sam, t in timer.times if not sam]
+    on = [t for sam, t in timer.times if sam]
+    pairs = [b / a for (sa, a), (sb, b) in zip(timer.times[::2], timer.times[1::2], strict=False) if not sa and sb]
+    for name, ts in (("without SAM", off), ("with SAM", on)):
+        med, low = 1e3 * statistics.median(ts), 1e3 * min(ts)
+        print(f"{name:12s} median {med:8.2f} ms/step, min {low:8.2f} ({len(ts)} steps)")
+    print(f"ratio of medians       {statistics.median(on) / statistics.median(off):6.3f}x")
+    print(f"ratio of minima        {min(on) / min(off):6.3f}x")
+    print(f"median of pair ratios  {statistics.median(pairs):6.3f}x  (floor 2x: two forward-backward passes)")
+    fb = forward_backward_ms(module, data(args.batch_size, 1), args.steps // 2)
+    extra = statistics.median(on) * 1e3 - statistics.median(off) * 1e3 - fb
+    print(f"one forward-backward alone (plain torch, median): {fb:8.2f} ms")
+    print(f"SAM's cost beyond that one extra forward-backward: {extra:8.2f} ms/step (from the medians)")
+    print(f"wall time {wall:.1f} s")
+
+
+if __name__ == "__main__":
+    main()

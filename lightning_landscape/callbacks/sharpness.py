@@ -1,0 +1,248 @@
+"""``SharpnessCallback``: sharpness of the training loss beside the generalization gap it is meant to explain."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from matplotlib.figure import Figure
+
+from lightning_landscape.callbacks._base import LossFn, MeasurementCallback
+from lightning_landscape.callbacks._logging import MeasurementLogger
+from lightning_landscape.functional.sharpness import KINDS, NORMS, check_sharpness_args, sharpness_estimate
+
+__all__ = ["DEFAULT_KINDS", "SharpnessCallback", "parse_sharpness_spec"]
+
+#: What :class:`SharpnessCallback` measures by default: worst- and average-case ℓ2, plain and adaptive.
+DEFAULT_KINDS = ("worst_case_l2", "worst_case_l2_adaptive", "average_case_l2", "average_case_l2_adaptive")
+
+SharpnessSpec = str | tuple[str, str] | tuple[str, str, bool]
+
+_GENERALIZATION = "generalization"
+
+
+def parse_sharpness_spec(spec: SharpnessSpec) -> tuple[str, str, bool]:
+    """``(kind, norm, adaptive)`` from a spec: a string ``"<kind>_<norm>[_adaptive]"`` (``"keskar"``
+    alone means ``"keskar_linf"``) or a tuple ``(kind, norm)`` / ``(kind, norm, adaptive)``.
+
+    Raises:
+        ValueError: naming ``kinds`` and the accepted forms.
+
+    Example:
+        >>> parse_sharpness_spec("average_case_linf_adaptive")
+        ('average_case', 'linf', True)
+        >>> parse_sharpness_spec(("worst_case", "l2"))
+        ('worst_case', 'l2', False)
+        >>> parse_sharpness_spec("keskar")
+        ('keskar', 'linf', False)
+    """
+    accepted = (
+        f"`kinds` entries must be strings '<kind>_<norm>[_adaptive]' with kind in {KINDS} and norm in {NORMS} "
+        "(e.g. 'worst_case_l2', 'average_case_l2_adaptive', 'keskar_linf'), or tuples (kind, norm[, adaptive])"
+    )
+    if isinstance(spec, str):
+        text = spec
+        adaptive = text.endswith("_adaptive")
+        if adaptive:
+            text = text[: -len("_adaptive")]
+        if text == "keskar":
+            kind, norm = "keskar", "linf"
+        else:
+            kind, _, norm = text.rpartition("_")
+    elif isinstance(spec, tuple) and len(spec) in (2, 3):
+        kind, norm = spec[0], spec[1]
+        adaptive = spec[2] if len(spec) == 3 else False
+    else:
+        raise ValueError(f"{accepted}; got {spec!r}.")
+    if kind not in KINDS or norm not in NORMS or not isinstance(adaptive, bool):
+        raise ValueError(f"{accepted}; got {spec!r}.")
+    try:
+        check_sharpness_args(1.0, kind, norm, adaptive, 0.0, 1, 1)
+    except ValueError as err:
+        raise ValueError(f"`kinds`: {spec!r} is not a valid measure: {err}") from None
+    return kind, norm, adaptive
+
+
+class _RetaggingLogger(MeasurementLogger):
+    """Logs ``<prefix>/<group>/<name>`` scalars as ``<group>/<name>``.
+
+    The base prefixes every scalar ``measure`` returns; the ``generalization/`` tags belong to no
+    callback prefix, so they are returned as ``generalization/<name>`` and un-prefixed here.
+    """
+
+    def __init__(self, owner: str, prefix: str) -> None:
+        super().__init__(owner)
+        self.prefix = prefix
+
+    def retag(self, scalars: dict[str, float]) -> dict[str, float]:
+        head = self.prefix + "/"
+        out = {}
+        for key, value in scalars.items():
+            rest = key[len(head) :] if key.startswith(head) else None
+            out[rest if rest is not None and "/" in rest else key] = value
+        return out
+
+    def log(
+        self,
+        trainer: pl.Trainer,
+        scalars: dict[str, float],
+        figures: dict[str, Figure] | None = None,
+        step: int | None = None,
+    ) -> None:
+        super().log(trainer, self.retag(scalars), figures, step)
+
+
+class SharpnessCallback(MeasurementCallback):
+    """Logs the sharpness of the training loss at the current weights, and the generalization gap.
+
+    Each measurement runs, on ``num_batches`` fixed probe batches of the train loader, every sharpness
+    measure in ``kinds`` (see :func:`~lightning_landscape.functional.sharpness.sharpness` for the exact
+    definitions: worst case by projected gradient ascent, average case by Monte Carlo, Keskar's
+    ε-sharpness), on the module's device, in eval mode, without touching weights, gradients, buffers,
+    modes or the global RNG (random draws come from the callback's own generator). When the trainer has
+    a validation loader, it also evaluates the loss on ``num_batches`` fixed validation batches at the
+    same weights. Under DDP every loss and gradient is the sample-weighted mean over all ranks' probe
+    data (reduced by the loss operator through ``trainer.strategy``), so all ranks get the same values
+    and rank zero logs them.
+
+    Logged: ``sharpness/<kind>_<norm>[_adaptive]`` for each entry of ``kinds``; ``sharpness/weight_norm``
+    (ℓ2 norm of the measured parameters: plain sharpness changes under reparametrization, so its scale
+    belongs beside it); ``sharpness/seconds``; and with a validation loader ``generalization/train_loss``,
+    ``generalization/val_loss`` and ``generalization/gap = val_loss − train_loss``.
+
+    Cost per measurement: ``steps`` gradients and one forward pass over the probe set per worst-case or
+    keskar entry, ``2·samples + 1`` forward passes per average-case entry, and one forward pass each for
+    the train and validation losses.
+
+    Args:
+        every_n_train_steps: measure every ``n`` optimizer steps (or give ``every_n_epochs``).
+        every_n_epochs: measure at the end of every ``n``-th epoch.
+        rho: radius of the perturbation (for ``keskar``, its ε).
+        kinds: the measures, as strings ``"<kind>_<norm>[_adaptive]"`` (kind ``worst_case``,
+            ``average_case`` or ``keskar``; norm ``l2`` or ``linf``; ``"keskar"`` alone is ``"keskar_linf"``)
+            or tuples ``(kind, norm[, adaptive])``. Default :data:`DEFAULT_KINDS`.
+        num_batches: probe batches (train, and validation for the gap).
+        loss_fn: ``loss_fn(module, batch) -> scalar``; default the module's ``training_step``.
+        steps: gradient evaluations of each worst-case ascent.
+        samples: draws of each average-case estimate (each evaluated at ``±z``).
+        eta: ``η`` of the adaptive scale ``|w| + η``.
+        generalization: log the ``generalization/`` tags when a validation loader exists.
+        eval_mode: measure in eval mode.
+        seed: seed of the callback's generator and of the probe draw.
+        strict: raise instead of warning when a measurement fails.
+
+    Example:
+        >>> cb = SharpnessCallback(every_n_epochs=1, rho=0.1, kinds=["worst_case_l2", ("keskar", "linf")])
+        >>> cb.tags
+        ['worst_case_l2', 'keskar_linf']
+    """
+
+    prefix = "sharpness"
+
+    def __init__(
+        self,
+        every_n_train_steps: int | None = None,
+        every_n_epochs: int | None = None,
+        rho: float = 0.05,
+        kinds: Sequence[SharpnessSpec] = DEFAULT_KINDS,
+        num_batches: int = 1,
+        loss_fn: LossFn | None = None,
+        steps: int = 20,
+        samples: int = 20,
+        eta: float = 0.01,
+        generalization: bool = True,
+        eval_mode: bool = True,
+        seed: int = 0,
+        strict: bool = False,
+    ) -> None:
+        super().__init__(
+            every_n_train_steps=every_n_train_steps,
+            every_n_epochs=every_n_epochs,
+            num_batches=num_batches,
+            loss_fn=loss_fn,
+            eval_mode=eval_mode,
+            seed=seed,
+            strict=strict,
+        )
+        check_sharpness_args(rho, "worst_case", "l2", False, eta, steps, samples)  # rho, eta, steps, samples
+        if isinstance(kinds, str):
+            kinds = [kinds]  # one spec given bare
+        if not isinstance(kinds, Sequence):
+            raise ValueError(f"`kinds` must be a list of measure specs, got {kinds!r}.")
+        specs = [parse_sharpness_spec(k) for k in kinds]
+        for kind, norm, adaptive in specs:
+            check_sharpness_args(rho, kind, norm, adaptive, eta, steps, samples)
+        tags = [_tag(*s) for s in specs]
+        duplicates = sorted({t for t in tags if tags.count(t) > 1})
+        if duplicates:
+            raise ValueError(f"`kinds` lists {', '.join(duplicates)} more than once.")
+        if not isinstance(generalization, bool):
+            raise ValueError(f"`generalization` must be True or False, got {generalization!r}.")
+        if not specs and not generalization:
+            raise ValueError("`kinds` is empty and `generalization=False`: there is nothing to measure.")
+        self.rho = float(rho)
+        self.specs = specs
+        self.steps = steps
+        self.samples = samples
+        self.eta = float(eta)
+        self.generalization = generalization
+        self._logger = _RetaggingLogger(type(self).__name__, self.prefix)
+        self._val_probe: list[Any] | None = None
+        self._val_taken = False
+
+    @property
+    def tags(self) -> list[str]:
+        """The scalar names of the sharpness measures, ``<kind>_<norm>[_adaptive]``, in order."""
+        return [_tag(*s) for s in self.specs]
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(
+            every_n_train_steps=self.every_n_train_steps,
+            every_n_epochs=self.every_n_epochs,
+            rho=self.rho,
+            kinds=tuple(self.tags),
+            seed=self.seed,
+        )
+
+    def _run(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super()._run(trainer, pl_module)
+        self.last_metrics = self._logger.retag(self.last_metrics)
+
+    def measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> tuple[dict[str, float], dict[str, Figure]]:
+        scalars: dict[str, float] = {}
+        with self.operator(trainer, pl_module, self._probe) as op:
+            for kind, norm, adaptive in self.specs:
+                result = sharpness_estimate(
+                    op,
+                    self.rho,
+                    kind=kind,
+                    norm=norm,
+                    adaptive=adaptive,
+                    eta=self.eta,
+                    steps=self.steps,
+                    samples=self.samples,
+                    generator=self.generator,
+                )
+                scalars[result.tag] = result.value
+            norms = [torch.linalg.vector_norm(t, dtype=torch.float64) for t in op.spec.tensors()]
+            weight_norm = float(torch.linalg.vector_norm(torch.stack(norms)))
+            train_loss = op.loss() if self.generalization else None
+        scalars["weight_norm"] = weight_norm
+        if self.generalization:
+            if not self._val_taken:
+                self._val_probe, self._val_taken = self.take_val_probe(trainer), True
+            if self._val_probe:
+                with self.operator(trainer, pl_module, self._val_probe) as val_op:
+                    val_loss = val_op.loss()
+                train, val = float(train_loss), float(val_loss)
+                scalars[f"{_GENERALIZATION}/train_loss"] = train
+                scalars[f"{_GENERALIZATION}/val_loss"] = val
+                scalars[f"{_GENERALIZATION}/gap"] = val - train
+        return scalars, {}
+
+
+def _tag(kind: str, norm: str, adaptive: bool) -> str:
+    return f"{kind}_{norm}" + ("_adaptive" if adaptive else "")

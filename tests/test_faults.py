@@ -1,0 +1,134 @@
+"""Faults at run time: the measurement is skipped with one warning, training completes, the next one runs."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from _lightning import DigitsModule, loaders, trainer
+from _models import cross_entropy
+from torch import nn
+
+from lightning_landscape import HessianCallback, LossLandscapeCallback
+
+CALLBACKS = {
+    "hessian": lambda **kw: HessianCallback(every_n_train_steps=2, top_k=1, max_hvps=8, **kw),
+    "landscape": lambda **kw: LossLandscapeCallback(every_n_train_steps=2, steps=3, steps_1d=3, **kw),
+}
+
+
+class _FailOnCall:
+    """A loss_fn that raises on its n-th call (counting every call the measurement makes)."""
+
+    def __init__(self, n: int) -> None:
+        self.n, self.calls = n, 0
+
+    def __call__(self, module, batch):
+        self.calls += 1
+        if self.calls == self.n:
+            raise RuntimeError("injected failure")
+        return cross_entropy(module, batch)
+
+
+class _TanhGrad(torch.autograd.Function):
+    """The backward of tanh as its own op, with no derivative (like a fused attention kernel's)."""
+
+    @staticmethod
+    def forward(ctx, grad, y):
+        return grad * (1 - y * y)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise RuntimeError("derivative for tanh_grad_fused is not implemented")
+
+
+class _NoDoubleBackward(torch.autograd.Function):
+    """tanh whose backward cannot be differentiated again."""
+
+    @staticmethod
+    def forward(ctx, x):
+        y = torch.tanh(x)
+        ctx.save_for_backward(y)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        (y,) = ctx.saved_tensors
+        return _TanhGrad.apply(grad, y)
+
+
+class _Fused(nn.Module):
+    def forward(self, x):
+        return _NoDoubleBackward.apply(x)
+
+
+def _fit(tmp_path, cb, module=None, steps=6):
+    train, _ = loaders(n_train=192, batch_size=32)
+    module = module or DigitsModule()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer(tmp_path, [cb], max_steps=steps, logger=False).fit(module, train)
+    skipped = [w for w in caught if "skipped the measurement" in str(w.message)]
+    return module, skipped
+
+
+def _nan_loss(module, batch):
+    return cross_entropy(module, batch) * float("nan")
+
+
+def _first_measurement_nan():
+    state = {"calls": 0}
+
+    def loss_fn(module, batch):
+        state["calls"] += 1
+        loss = cross_entropy(module, batch)
+        return loss * float("nan") if module.trainer.global_step <= 2 else loss
+
+    return loss_fn
+
+
+@pytest.mark.parametrize("name", sorted(CALLBACKS))
+def test_loss_fn_raising_once(tmp_path, name):
+    cb = CALLBACKS[name](loss_fn=_FailOnCall(2))
+    module, skipped = _fit(tmp_path, cb)
+    assert module.trainer.global_step == 6
+    assert len(skipped) == 1 and "injected failure" in str(skipped[0].message)
+    assert cb.last_metrics, "the next scheduled measurement ran"
+
+
+@pytest.mark.parametrize("name", sorted(CALLBACKS))
+def test_nan_loss_then_recovery(tmp_path, name):
+    cb = CALLBACKS[name](loss_fn=_first_measurement_nan())
+    module, skipped = _fit(tmp_path, cb)
+    assert module.trainer.global_step == 6
+    if name == "hessian":
+        assert len(skipped) == 1 and "non-finite" in str(skipped[0].message).lower()
+    else:  # a NaN slice is data, not a failure: it is logged as fully non-finite, then recovers
+        assert not skipped
+    assert cb.last_metrics and all(torch.isfinite(torch.tensor(v)) for v in cb.last_metrics.values())
+
+
+def test_no_double_backward_is_skipped(tmp_path):
+    model = nn.Sequential(nn.Linear(64, 16), _Fused(), nn.Linear(16, 10))
+    cb = HessianCallback(every_n_train_steps=2, hvp_method="double_backward")
+    module, skipped = _fit(tmp_path, cb, DigitsModule(model=model))
+    assert module.trainer.global_step == 6
+    assert len(skipped) == 1 and "not implemented" in str(skipped[0].message)
+    assert not cb.last_metrics
+
+
+def test_no_double_backward_auto_falls_back(tmp_path):
+    model = nn.Sequential(nn.Linear(64, 16), _Fused(), nn.Linear(16, 10))
+    cb = HessianCallback(every_n_train_steps=2)
+    _, skipped = _fit(tmp_path, cb, DigitsModule(model=model))
+    assert not skipped
+    assert cb._resolved_method == "finite_difference"
+    assert cb.last_metrics["hessian/eigenvalue_1"] > 0
+
+
+@pytest.mark.parametrize("name", sorted(CALLBACKS))
+def test_strict_propagates(tmp_path, name):
+    cb = CALLBACKS[name](loss_fn=_FailOnCall(2), strict=True)
+    with pytest.raises(RuntimeError, match="injected failure"):
+        _fit(tmp_path, cb)

@@ -334,9 +334,9 @@ class SAMMixin(pl.LightningModule):
                 else:
                     self.__dict__[name] = value
             _thaw_metrics(frozen)
-            with torch.no_grad():
-                for b, s in saved:
-                    b.copy_(s)
+            if saved:
+                with torch.no_grad():
+                    torch._foreach_copy_([b for b, _ in saved], [c for _, c in saved])
 
 
 def _no_op(*args: Any, **kwargs: Any) -> None:

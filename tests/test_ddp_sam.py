@@ -66,6 +66,34 @@ for sync_first in (False, True):
         "error": max((w - e).abs().max().item() for w, e in zip(weights, expected)),
         "global_step": trainer.global_step,
     }
+
+# 16-mixed (CPU GradScaler): a first gradient that is non-finite on rank 0 only skips the step on both ranks
+from pytorch_lightning.plugins.precision import MixedPrecision
+
+
+class Overflow(SAMDigits):
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.extra = nn.Parameter(torch.ones(()))
+
+    def training_step(self, batch, batch_idx):
+        # `extra` takes part in every pass (DDP needs that), a NaN there changes nothing ...
+        loss = super().training_step(batch, batch_idx) + torch.nan_to_num(self.extra) * 0.0
+        if self.global_rank == 0 and not self.sam_perturbed:  # ... but rank 0's first gradient is infinite
+            loss = loss + self.extra * float("inf")
+        return loss
+
+
+module = Overflow(lr=LR, sam=True, model=copy.deepcopy(start))
+scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+trainer = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_steps=1,
+                     plugins=[MixedPrecision("16-mixed", "cpu", scaler=scaler)], default_root_dir=OUT, logger=False,
+                     enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False)
+trainer.fit(module, train)
+out["fp16"] = {
+    "scale": scaler.get_scale(),
+    "unchanged": all(torch.equal(p, q) for p, q in zip(module.net.parameters(), start.parameters())),
+}
 report(out)
 """
 
@@ -78,5 +106,7 @@ def test_ddp_sam_per_rank_perturbation_ranks_in_sync(tmp_path):
         assert r0[key]["global_step"] == 3
         # default: each rank's own ε (m-sharpness); sam_sync_first: the global gradient's ε
         assert r0[key]["error"] < 1e-6 and r1[key]["error"] < 1e-6  # measured 1.5e-8
+    for r in (r0, r1):  # rank 0's overflow skipped the step everywhere (GradScaler backed off once)
+        assert r["fp16"] == {"scale": 2.0**9, "unchanged": True}
     default, synced = ([x for w in r0[k]["weights"] for x in w] for k in ("False", "True"))
     assert max(abs(a - b) for a, b in zip(default, synced, strict=True)) > 1e-4  # measured 3.7e-4

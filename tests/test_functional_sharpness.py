@@ -20,7 +20,8 @@ Tolerances:
 - average case: the estimate's relative standard deviation is ``sqrt(2·tr(M²))/tr(M)/sqrt(samples)``
   for ``M = CAC`` (``½zᵀMz`` per draw, ``z`` Gaussian): 4.0% here for the plain ℓ2 case at 20 draws
   (measured over 100 seeds: 4.1%), so the issue's 15% is more than three standard deviations; the
-  adaptive case (effective rank 15) is held to four of its standard deviations, computed the same way.
+  adaptive case (effective rank 15: 9% at 20 draws) takes 100 draws and is held to four of its
+  standard deviations, computed the same way (3.6%).
 - vertices of a box (ℓ∞ on a diagonal ``A``, keskar): exact up to the float32 rounding of the
   operator's loss, so 1e-5.
 """
@@ -145,8 +146,10 @@ def test_adaptive_closed_forms(spiked):
     cac = c[:, None] * a * c[None, :]
     worst = sharpness(model, mse, _batches(x, y), RHO, adaptive=True, eta=eta)
     assert worst == pytest.approx(0.5 * RHO**2 * _top(cac), rel=0.03)
-    average = sharpness(model, mse, _batches(x, y), RHO, kind="average_case", adaptive=True, eta=eta)
-    rel_std = (2 * cac.pow(2).sum()).sqrt().item() / cac.trace().item() / 20**0.5
+    # CAC has a lower effective rank (15): 100 draws make the estimate's relative std 3.6%
+    average = sharpness(model, mse, _batches(x, y), RHO, kind="average_case", adaptive=True, eta=eta, samples=100)
+    rel_std = (2 * cac.pow(2).sum()).sqrt().item() / cac.trace().item() / 100**0.5
+    assert rel_std < 0.04
     assert average == pytest.approx(0.5 * RHO**2 / a.shape[0] * cac.trace().item(), rel=4 * rel_std)
     # and it is a different number from the plain one
     assert abs(worst - sharpness(model, mse, _batches(x, y), RHO)) / worst > 0.1
@@ -226,7 +229,7 @@ def _ce(model, batch):
     ids=["worst_l2", "worst_linf", "average_l2"],
 )
 def test_adaptive_is_invariant_to_relu_rescaling_and_plain_is_not(measure):
-    x, y = digits(256)
+    x, y = digits(128)
     batches = [(x.double(), y)]
     net, scaled = _relu_net(), _relu_net(alpha=4.0)
     torch.testing.assert_close(net(batches[0][0]), scaled(batches[0][0]), rtol=1e-12, atol=1e-12)
@@ -237,7 +240,7 @@ def test_adaptive_is_invariant_to_relu_rescaling_and_plain_is_not(measure):
 
     def run(model, adaptive):
         gen = torch.Generator().manual_seed(5)
-        return sharpness(model, _ce, batches, rho, adaptive=adaptive, eta=0.0, generator=gen, **measure)
+        return sharpness(model, _ce, batches, rho, adaptive=adaptive, eta=0.0, steps=10, generator=gen, **measure)
 
     adaptive = run(net, True)
     assert adaptive > 0

@@ -40,14 +40,19 @@ __all__ = ["KINDS", "NORMS", "SharpnessResult", "check_sharpness_args", "sharpne
 KINDS = ("worst_case", "average_case", "keskar")
 
 # The ascent: every step is SAM's ε (``ascent_step`` at radius ρ) at the best point so far, times a
-# step size that starts at 1 (a step the length of the radius, so two steps cross the ball), grows
-# by 1.5 after a step that raised the loss and halves after one that did not (the next step then
-# starts again from the best point). At a minimum, where L(w+δ) − L(w) ≈ ½δᵀAδ, the ℓ2 iteration is
-# power iteration on σI + A with a shift σ ∝ 1/step: large steps converge fastest when A is
-# positive semi-definite (pure power iteration, iterated SAM, is the limit), small ones keep a
-# large negative eigenvalue from taking over; the monotone rule picks between them without host
-# syncs. Measured against a fixed step of 1 and of 2 and a growth of 2 on quadratics and a digits
-# MLP: see the report of issue 4 (tests/test_functional_sharpness.py holds the closed forms).
+# step size that starts at 1 (a step the length of the radius: two steps cross the ball), grows by
+# 1.5 after a step that raised the loss and halves after one that did not (the next step then starts
+# again from the best point): a monotone ascent, decided on the device without host syncs. At a
+# minimum, where L(w+δ) − L(w) ≈ ½δᵀAδ, the ℓ2 iteration is power iteration on σI + A with a shift
+# σ ∝ 1/step: long steps converge fastest when A is positive semi-definite (the infinite step,
+# iterated SAM, is plain power iteration), short ones keep a large negative eigenvalue from taking
+# over. Measured at 20 steps (fraction of the maximum reached, quadratics with d = 100, λ_max = 1):
+#   rule                       PSD, λ₂ = .9   λ_min = −0.5   λ_min = −2   λ_min = −4
+#   fixed step 1                 0.958          0.935          0.892        0.336
+#   fixed step 2                 0.982          0.972          0.494        0.000
+#   iterated SAM (step ∞)        0.997          0.995          0.000        0.000
+#   this rule (1, ×1.5, ÷2)      0.995          0.992          0.808        0.849
+# and on a trained digits MLP (ρ = 0.5) every rule is within 0.5% of its 100-step value at 20 steps.
 _FIRST_STEP = 1.0
 _GROW = 1.5
 
@@ -166,6 +171,7 @@ def _worst_case(
     # best point so far, times a step size that halves whenever a step fails to raise the loss
     # (then the next one starts again from the best point): a monotone ascent without host syncs.
     best_delta = _project(ascent_step([start], [w], rho, adaptive=adaptive, eta=eta, norm=norm)[0], scale, rho, norm)
+    del start, fallback, grad
     if steps == 1:
         return base.double(), torch.maximum(op.loss(best_delta).double(), base.double())
     best_value, best_grad = op.gradient(best_delta)
@@ -295,10 +301,14 @@ def sharpness(
       ``norm="l2"`` and ``∞`` for ``norm="linf"``. Projected gradient ascent on ``δ`` for ``steps``
       gradient evaluations: the first step is SAM's (ASAM's) ``ε`` from
       ``_perturbation.ascent_step`` — ``rho·c²g/‖cg‖₂`` (ℓ2) or ``rho·c·sign(g)`` (ℓ∞, sign steps)
-      — and every later step is that same ``ε`` at ``w + δ``, added to ``δ`` and projected back onto
-      the ball (box). Where the gradient at ``w`` is exactly zero (an exact minimum) the first step
-      takes a random direction from ``generator`` instead. Returns the best value seen, never
-      negative.
+      — and every later step is that same ``ε`` at the best point so far, times a step size (1 at
+      first, ×1.5 after a step that raised the loss, ÷2 after one that did not), added to ``δ`` and
+      projected back onto the ball (box). Where the gradient at ``w`` is exactly zero (an exact
+      minimum) the first step takes a random direction from ``generator`` instead. Returns the best
+      value seen, never negative. At a minimum the ascent is a power iteration: it needs the top
+      eigenvalue of ``CAC`` (``A`` the Hessian) separated from the rest to converge in ``steps``. The
+      ℓ∞ ascent finds a vertex where the signs agree with the gradient — a local maximum, so a lower
+      bound when the Hessian is not diagonal.
     - ``kind="average_case"``: ``E[L(w + c ⊙ z)] − L(w)``, ``z ~ N(0, (rho²/d) I)`` for ℓ2 (so
       ``E‖z‖² = rho²``), ``z`` uniform in ``[−rho, rho]^d`` for ℓ∞; estimated from ``samples`` draws
       of ``z`` from ``generator``, each evaluated at ``+z`` and ``−z`` (antithetic: unbiased, and it

@@ -27,8 +27,9 @@ def grad(net, xb, yb):
     return torch.autograd.grad(nn.functional.cross_entropy(net(xb), yb), list(net.parameters()))
 
 def reference(sync_first):
-    # Lightning gives a training loader DistributedSampler(shuffle=True, seed=0) under DDP
-    order = [list(DistributedSampler(range(N), num_replicas=2, rank=r, shuffle=True, seed=0)) for r in (0, 1)]
+    # Lightning gives a training loader DistributedSampler(shuffle=True, seed=$PL_GLOBAL_SEED or 0) under DDP
+    seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
+    order = [list(DistributedSampler(range(N), num_replicas=2, rank=r, shuffle=True, seed=seed)) for r in (0, 1)]
     net = copy.deepcopy(start).double()
     params = list(net.parameters())
     for k in range(STEPS):

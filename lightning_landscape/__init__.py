@@ -7,8 +7,16 @@ Example:
 """
 
 from lightning_landscape import functional
-from lightning_landscape.callbacks import HessianCallback, LossLandscapeCallback
+from lightning_landscape.callbacks import HessianCallback, LossLandscapeCallback, SharpnessCallback
+from lightning_landscape.sam import SAMMixin
 
 __version__ = "0.1.0"
 
-__all__ = ["HessianCallback", "LossLandscapeCallback", "__version__", "functional"]
+__all__ = [
+    "HessianCallback",
+    "LossLandscapeCallback",
+    "SAMMixin",
+    "SharpnessCallback",
+    "__version__",
+    "functional",
+]

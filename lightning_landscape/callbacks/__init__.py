@@ -2,5 +2,6 @@
 
 from lightning_landscape.callbacks.hessian import HessianCallback
 from lightning_landscape.callbacks.landscape import LossLandscapeCallback
+from lightning_landscape.callbacks.sharpness import SharpnessCallback
 
-__all__ = ["HessianCallback", "LossLandscapeCallback"]
+__all__ = ["HessianCallback", "LossLandscapeCallback", "SharpnessCallback"]

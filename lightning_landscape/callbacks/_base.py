@@ -231,7 +231,10 @@ class MeasurementCallback(Callback):
         )
 
     def measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> tuple[dict[str, float], dict[str, Figure]]:
-        """Compute this callback's scalars (without prefix) and figures (full tags). Subclasses override."""
+        """Compute this callback's scalars and figures (full tags). Subclasses override.
+
+        Scalar names without ``/`` get the callback's prefix; names containing ``/`` are full tags.
+        """
         raise NotImplementedError
 
     def note_method(self, trainer: pl.Trainer, op: LossOperator) -> None:
@@ -271,7 +274,7 @@ class MeasurementCallback(Callback):
             return
         if pl_module.device.type == "cuda":
             torch.cuda.synchronize(pl_module.device)
-        metrics = {f"{self.prefix}/{k}": float(v) for k, v in scalars.items()}
+        metrics = {(k if "/" in k else f"{self.prefix}/{k}"): float(v) for k, v in scalars.items()}
         metrics[f"{self.prefix}/seconds"] = time.perf_counter() - start
         self.last_metrics = metrics
         self._logger.log(trainer, metrics, figures)

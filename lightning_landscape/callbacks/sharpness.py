@@ -10,7 +10,6 @@ import torch
 from matplotlib.figure import Figure
 
 from lightning_landscape.callbacks._base import LossFn, MeasurementCallback
-from lightning_landscape.callbacks._logging import MeasurementLogger
 from lightning_landscape.functional.sharpness import KINDS, NORMS, check_sharpness_args, sharpness_estimate
 
 __all__ = ["DEFAULT_KINDS", "SharpnessCallback", "parse_sharpness_spec"]
@@ -63,35 +62,6 @@ def parse_sharpness_spec(spec: SharpnessSpec) -> tuple[str, str, bool]:
     except ValueError as err:
         raise ValueError(f"`kinds`: {spec!r} is not a valid measure: {err}") from None
     return kind, norm, adaptive
-
-
-class _RetaggingLogger(MeasurementLogger):
-    """Logs ``<prefix>/<group>/<name>`` scalars as ``<group>/<name>``.
-
-    The base prefixes every scalar ``measure`` returns; the ``generalization/`` tags belong to no
-    callback prefix, so they are returned as ``generalization/<name>`` and un-prefixed here.
-    """
-
-    def __init__(self, owner: str, prefix: str) -> None:
-        super().__init__(owner)
-        self.prefix = prefix
-
-    def retag(self, scalars: dict[str, float]) -> dict[str, float]:
-        head = self.prefix + "/"
-        out = {}
-        for key, value in scalars.items():
-            rest = key[len(head) :] if key.startswith(head) else None
-            out[rest if rest is not None and "/" in rest else key] = value
-        return out
-
-    def log(
-        self,
-        trainer: pl.Trainer,
-        scalars: dict[str, float],
-        figures: dict[str, Figure] | None = None,
-        step: int | None = None,
-    ) -> None:
-        super().log(trainer, self.retag(scalars), figures, step)
 
 
 class SharpnessCallback(MeasurementCallback):
@@ -188,7 +158,6 @@ class SharpnessCallback(MeasurementCallback):
         self.samples = samples
         self.eta = float(eta)
         self.generalization = generalization
-        self._logger = _RetaggingLogger(type(self).__name__, self.prefix)
         self._val_probe: list[Any] | None = None
         self._val_taken = False
 
@@ -206,10 +175,6 @@ class SharpnessCallback(MeasurementCallback):
             kinds=tuple(self.tags),
             seed=self.seed,
         )
-
-    def _run(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        super()._run(trainer, pl_module)
-        self.last_metrics = self._logger.retag(self.last_metrics)
 
     def measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> tuple[dict[str, float], dict[str, Figure]]:
         scalars: dict[str, float] = {}

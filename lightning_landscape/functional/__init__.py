@@ -1,4 +1,5 @@
-"""The math on any ``nn.Module``: Hessian-vector products, eigenvalues, trace, density, loss slices.
+"""The math on any ``nn.Module``: Hessian-vector products, eigenvalues, trace, density, sharpness,
+loss slices.
 
 Imports torch only (never Lightning), so it serves plain PyTorch loops and post-hoc analysis.
 
@@ -12,6 +13,7 @@ from lightning_landscape.functional._operator import DenseOperator, SymmetricOpe
 from lightning_landscape.functional._params import ParamSpec, select_parameters
 from lightning_landscape.functional.eigen import EigenResult, hessian_eigenvalues, top_eigenvalues
 from lightning_landscape.functional.hvp import HVP_METHODS, LossFn, LossOperator, MeasurementError, hvp
+from lightning_landscape.functional.sharpness import SharpnessResult, sharpness, sharpness_estimate
 from lightning_landscape.functional.surface import (
     LineResult,
     SurfaceResult,
@@ -40,6 +42,7 @@ __all__ = [
     "LossOperator",
     "MeasurementError",
     "ParamSpec",
+    "SharpnessResult",
     "SurfaceResult",
     "SymmetricOperator",
     "TraceResult",
@@ -53,6 +56,8 @@ __all__ = [
     "loss_surface",
     "random_directions",
     "select_parameters",
+    "sharpness",
+    "sharpness_estimate",
     "slq_density",
     "top_eigenvalues",
     "trace_estimate",

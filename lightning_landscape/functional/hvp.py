@@ -162,6 +162,12 @@ class LossOperator:
         if self.eval_mode:
             self.model.eval()
         stack = contextlib.ExitStack()
+        # a forward in train mode (dropout) draws from the global RNG: measurements leave it as it was
+        device = self.spec.device
+        devices = (
+            [torch.cuda.current_device() if device.index is None else device.index] if device.type == "cuda" else []
+        )
+        stack.enter_context(torch.random.fork_rng(devices=devices))
         stack.enter_context(torch.inference_mode(False))
         stack.enter_context(torch.enable_grad())
         for device_type in {"cpu", self.spec.device.type}:

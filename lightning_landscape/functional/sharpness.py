@@ -243,12 +243,9 @@ def sharpness_estimate(
     norm = check_sharpness_args(rho, kind, norm, adaptive, eta, steps, samples)
     generator = make_generator(generator)
     rho = float(rho)
-    # dropout measured in train mode (eval_mode=False) draws from the global RNG: keep it unchanged
-    devices = [operator.device] if operator.device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        base, perturbed, num_gradients, num_losses = _estimate(
-            operator, rho, kind, norm, adaptive, float(eta), steps, samples, generator
-        )
+    base, perturbed, num_gradients, num_losses = _estimate(
+        operator, rho, kind, norm, adaptive, float(eta), steps, samples, generator
+    )
     loss, perturbed_loss = base.item(), perturbed.item()
     value = perturbed_loss - loss
     if kind == "keskar":

@@ -36,6 +36,12 @@ def check_positive_int(name: str, value: object, allow_none: bool = False) -> No
         raise ValueError(f"`{name}` must be {accepted}, got {value!r}.")
 
 
+def check_bool(name: str, value: object) -> None:
+    """Raise a ``TypeError`` naming ``name`` unless ``value`` is ``True`` or ``False``."""
+    if not isinstance(value, bool):
+        raise TypeError(f"`{name}` must be True or False, got {value!r}.")
+
+
 def training_step_loss(module: pl.LightningModule, batch: Any) -> Tensor:
     """The loss the module's own ``training_step`` returns (``out`` or ``out["loss"]``), with
     ``self.log`` / ``self.log_dict`` silenced while it runs."""
@@ -101,6 +107,8 @@ class MeasurementCallback(Callback):
             raise TypeError(f"`loss_fn` must be callable as loss_fn(module, batch) or None, got {loss_fn!r}.")
         if hvp_method not in HVP_METHODS:
             raise ValueError(f"`hvp_method` must be one of {HVP_METHODS}, got {hvp_method!r}.")
+        check_bool("eval_mode", eval_mode)
+        check_bool("strict", strict)
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise ValueError(f"`seed` must be an integer, got {seed!r}.")
         self.every_n_train_steps = every_n_train_steps

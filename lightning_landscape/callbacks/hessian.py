@@ -8,7 +8,7 @@ import pytorch_lightning as pl
 import torch
 from matplotlib.figure import Figure
 
-from lightning_landscape.callbacks._base import LossFn, MeasurementCallback, check_positive_int
+from lightning_landscape.callbacks._base import LossFn, MeasurementCallback, check_bool, check_positive_int
 from lightning_landscape.functional import slq_density, top_eigenvalues, trace_estimate
 from lightning_landscape.plotting import spectral_density_figure
 
@@ -81,6 +81,8 @@ class HessianCallback(MeasurementCallback):
             strict=strict,
         )
         check_positive_int("top_k", top_k)
+        check_bool("trace", trace)
+        check_bool("density", density)
         check_positive_int("max_hvps", max_hvps)
         check_positive_int("trace_hvps", trace_hvps)
         check_positive_int("density_probes", density_probes)

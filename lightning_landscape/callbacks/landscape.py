@@ -10,7 +10,7 @@ import torch
 from matplotlib.figure import Figure
 from torch import Tensor
 
-from lightning_landscape.callbacks._base import LossFn, MeasurementCallback, check_positive_int
+from lightning_landscape.callbacks._base import LossFn, MeasurementCallback, check_bool, check_positive_int
 from lightning_landscape.functional._params import ParamSpec
 from lightning_landscape.functional._random import gaussian
 from lightning_landscape.functional.surface import filter_normalize, loss_line, loss_surface
@@ -103,6 +103,8 @@ class LossLandscapeCallback(MeasurementCallback):
         self.steps = steps
         self.distance = float(distance)
         self.steps_1d = steps_1d
+        check_bool("include_1d", include_1d)
+        check_bool("validation", validation)
         self.include_1d = include_1d
         self.validation = validation
         #: the raw (not normalized) directions ``[2, numel]`` on the CPU, drawn at the first frame.

@@ -9,7 +9,7 @@ import pytorch_lightning as pl
 import torch
 from matplotlib.figure import Figure
 
-from lightning_landscape.callbacks._base import LossFn, MeasurementCallback
+from lightning_landscape.callbacks._base import LossFn, MeasurementCallback, check_bool
 from lightning_landscape.functional.sharpness import KINDS, NORMS, check_sharpness_args, sharpness_estimate
 
 __all__ = ["DEFAULT_KINDS", "SharpnessCallback", "parse_sharpness_spec"]
@@ -157,6 +157,7 @@ class SharpnessCallback(MeasurementCallback):
         self.steps = steps
         self.samples = samples
         self.eta = float(eta)
+        check_bool("generalization", generalization)
         self.generalization = generalization
         self._val_probe: list[Any] | None = None
         self._val_taken = False

@@ -1,0 +1,140 @@
+"""Bad input, table-driven: every public constructor argument's invalid values raise at construction
+(or at ``setup`` for what depends on the Trainer), with a message naming the argument."""
+
+from __future__ import annotations
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from _lightning import DigitsModule, loaders, trainer
+
+from lightning_landscape import HessianCallback, LossLandscapeCallback, SAMMixin, SharpnessCallback
+
+SCHEDULE = {"every_n_epochs": 1}
+
+# (argument, invalid values) shared by the three callbacks
+COMMON = [
+    ("every_n_train_steps", [0, -1, 1.5, "2", True]),
+    ("every_n_epochs", [0, -3, 2.0, "1", False]),
+    ("num_batches", [0, -1, 1.5, None, "1"]),
+    ("loss_fn", ["mse", 3]),
+    ("eval_mode", ["yes", 1, None]),
+    ("strict", ["no", 0, None]),
+    ("seed", [1.5, "0", None, True]),
+]
+SPECIFIC = {
+    HessianCallback: [
+        ("top_k", [0, -1, 2.5, "3"]),
+        ("trace", ["yes", 1]),
+        ("density", ["no", 0]),
+        ("tol", [0, -1e-3, 1.0, "small"]),
+        ("max_hvps", [0, -5, 10.5]),
+        ("trace_hvps", [0, -1, 2.5]),
+        ("density_probes", [0, -1]),
+        ("density_steps", [0, 1.5]),
+        ("hvp_method", ["magic", "", None]),
+    ],
+    LossLandscapeCallback: [
+        ("steps", [0, 1, 4, -3, 2.5]),
+        ("steps_1d", [0, 2, 20, 1.5]),
+        ("distance", [0, -1.0, float("inf"), float("nan"), "far"]),
+        ("include_1d", ["yes", 1]),
+        ("validation", ["no", 0]),
+    ],
+    SharpnessCallback: [
+        ("rho", [0, -0.05, float("nan"), "big"]),
+        ("kinds", [["sharpest"], ["worst_case_l3"], ("worst_case_l2", "worst_case_l2"), [42]]),
+        ("steps", [0, -1, 2.5]),
+        ("samples", [0, -2, 1.5]),
+        ("eta", [-0.01, float("nan"), "x"]),
+        ("generalization", ["yes", 1]),
+    ],
+}
+CASES = [
+    pytest.param(cls, arg, value, id=f"{cls.__name__}-{arg}-{value!r}")
+    for cls in SPECIFIC
+    for arg, values in COMMON + SPECIFIC[cls]
+    for value in values
+]
+
+
+@pytest.mark.parametrize(("cls", "arg", "value"), CASES)
+def test_callback_argument(cls, arg, value):
+    kwargs = {} if arg in ("every_n_epochs", "every_n_train_steps") else dict(SCHEDULE)
+    kwargs[arg] = value
+    with pytest.raises((ValueError, TypeError), match=f"`{arg}`"):
+        cls(**kwargs)
+
+
+@pytest.mark.parametrize("cls", list(SPECIFIC))
+@pytest.mark.parametrize("schedule", [{}, {"every_n_epochs": 1, "every_n_train_steps": 5}])
+def test_exactly_one_schedule(cls, schedule):
+    with pytest.raises(ValueError, match="every_n_train_steps") as err:
+        cls(**schedule)
+    assert "every_n_epochs" in str(err.value)
+
+
+def test_sharpness_needs_something_to_measure():
+    with pytest.raises(ValueError, match="kinds"):
+        SharpnessCallback(every_n_epochs=1, kinds=[], generalization=False)
+
+
+class _SAMModule(SAMMixin, DigitsModule):
+    pass
+
+
+SAM_CASES = [
+    ("sam", ["yes", 1, None]),
+    ("sam_rho", [0, -0.1, float("inf"), "big"]),
+    ("sam_adaptive", ["yes", 0]),
+    ("sam_eta", [-1.0, float("nan"), "x"]),
+    ("sam_sync_first", ["no", 1]),
+]
+
+
+@pytest.mark.parametrize(
+    ("arg", "value"), [pytest.param(a, v, id=f"{a}-{v!r}") for a, values in SAM_CASES for v in values]
+)
+def test_sam_argument(arg, value):
+    with pytest.raises((ValueError, TypeError), match=f"`{arg}`"):
+        _SAMModule(**{arg: value})
+
+
+class _ManualModule(DigitsModule):
+    def __init__(self):
+        super().__init__()
+        self.automatic_optimization = False
+
+    def training_step(self, batch, batch_idx):
+        opt = self.optimizers()
+        loss = torch.nn.functional.cross_entropy(self(batch[0]), batch[1])
+        opt.zero_grad()
+        self.manual_backward(loss)
+        opt.step()
+        return loss
+
+
+@pytest.mark.parametrize("cls", list(SPECIFIC))
+def test_manual_optimization_needs_loss_fn_at_setup(tmp_path, cls):
+    train, _ = loaders(n_train=64, batch_size=32)
+    with pytest.raises(ValueError, match="loss_fn"):
+        trainer(tmp_path, [cls(every_n_epochs=1)], max_steps=1, logger=False).fit(_ManualModule(), train)
+
+
+def test_count_cases():
+    """The closing note quotes how many invalid inputs are covered."""
+    total = len(CASES) + len(SPECIFIC) * 2 + 1 + sum(len(v) for _, v in SAM_CASES) + len(SPECIFIC)
+    assert total > 150
+    print(f"bad-input cases: {total}")
+
+
+def test_unsupported_strategy_refused_at_setup(tmp_path):
+    class FakeFSDP(pl.strategies.SingleDeviceStrategy):
+        pass
+
+    FakeFSDP.__name__ = "FSDPStrategy"
+    train, _ = loaders(n_train=64, batch_size=32)
+    cb = HessianCallback(every_n_epochs=1)
+    t = trainer(tmp_path, [cb], max_steps=1, logger=False, strategy=FakeFSDP(device=torch.device("cpu")))
+    with pytest.raises(RuntimeError, match="FSDPStrategy"):
+        t.fit(DigitsModule(), train)

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import random
-
-import numpy as np
 import pytest
 import torch
+from _state import assert_same, snapshot
 from torch import nn
 
 from lightning_landscape import functional as LF
@@ -31,30 +29,6 @@ def _loss(model, batch):
     return nn.functional.cross_entropy(model(x), y)
 
 
-def _snapshot(model):
-    return {
-        "state": {k: v.clone() for k, v in model.state_dict().items()},
-        "grads": {n: None if p.grad is None else p.grad.clone() for n, p in model.named_parameters()},
-        "requires_grad": {n: p.requires_grad for n, p in model.named_parameters()},
-        "modes": [m.training for m in model.modules()],
-        "torch_rng": torch.random.get_rng_state(),
-        "py_rng": random.getstate(),
-        "np_rng": np.random.get_state()[1].copy(),
-    }
-
-
-def _assert_same(before, after):
-    for key in before["state"]:
-        assert torch.equal(before["state"][key], after["state"][key]), key
-    for key, g in before["grads"].items():
-        assert (g is None and after["grads"][key] is None) or torch.equal(g, after["grads"][key]), key
-    assert before["requires_grad"] == after["requires_grad"]
-    assert before["modes"] == after["modes"]
-    assert torch.equal(before["torch_rng"], after["torch_rng"])
-    assert before["py_rng"] == after["py_rng"]
-    assert np.array_equal(before["np_rng"], after["np_rng"])
-
-
 MEASUREMENTS = {
     "eigenvalues": lambda m, b: LF.hessian_eigenvalues(m, _loss, b, k=2, max_hvps=10),
     "trace": lambda m, b: LF.hessian_trace(m, _loss, b, num_hvps=9),
@@ -72,9 +46,9 @@ def test_state_untouched(name, training):
     _loss(net, (x, y)).backward()  # populated .grad must survive
     net.train(training)
     net[3].eval()  # mixed modes must come back exactly
-    before = _snapshot(net)
+    before = snapshot(net)
     MEASUREMENTS[name](net, [(x, y)])
-    _assert_same(before, _snapshot(net))
+    assert_same(before, snapshot(net))
 
 
 def test_under_autocast_and_inference_mode():

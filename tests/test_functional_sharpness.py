@@ -29,12 +29,11 @@ Tolerances:
 from __future__ import annotations
 
 import copy
-import random
 
-import numpy as np
 import pytest
 import torch
 from _models import digits
+from _state import assert_same, snapshot
 from torch import nn
 
 from lightning_landscape.functional.hvp import LossOperator
@@ -259,18 +258,6 @@ def _bn_dropout_net() -> nn.Module:
     return net
 
 
-def _snapshot(model):
-    return {
-        "state": {k: v.clone() for k, v in model.state_dict().items()},
-        "grads": {n: None if p.grad is None else p.grad.clone() for n, p in model.named_parameters()},
-        "requires_grad": {n: p.requires_grad for n, p in model.named_parameters()},
-        "modes": [m.training for m in model.modules()],
-        "torch_rng": torch.random.get_rng_state(),
-        "py_rng": random.getstate(),
-        "np_rng": np.random.get_state()[1].copy(),
-    }
-
-
 @pytest.mark.parametrize("eval_mode", [True, False])
 def test_state_is_untouched(eval_mode):
     x, y = digits(128)
@@ -278,7 +265,7 @@ def test_state_is_untouched(eval_mode):
     model.train()
     _ce(model, (x, y)).backward()  # .grad populated, as mid-training
     model[4].eval()  # a mixed mode tree must come back as it was
-    before = _snapshot(model)
+    before = snapshot(model)
     results = [
         sharpness(
             model, _ce, [(x, y)], kind=kind, norm=norm, adaptive=adaptive, steps=3, samples=2, eval_mode=eval_mode
@@ -291,17 +278,9 @@ def test_state_is_untouched(eval_mode):
             ("keskar", None, False),
         ]
     ]
-    after = _snapshot(model)
+    after = snapshot(model)
     assert all(r >= 0 for r in results[:2]) and results[4] >= 0
-    for key in before["state"]:
-        assert torch.equal(before["state"][key], after["state"][key]), key
-    for key, grad in before["grads"].items():
-        assert (grad is None and after["grads"][key] is None) or torch.equal(grad, after["grads"][key]), key
-    assert before["requires_grad"] == after["requires_grad"]
-    assert before["modes"] == after["modes"]
-    assert torch.equal(before["torch_rng"], after["torch_rng"])
-    assert before["py_rng"] == after["py_rng"]
-    assert np.array_equal(before["np_rng"], after["np_rng"])
+    assert_same(before, after)
 
 
 def test_randomness_comes_from_the_generator(spiked):

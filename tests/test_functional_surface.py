@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import math
-import random
 
 import numpy as np
 import pytest
 import torch
 from _models import cross_entropy, digits, digits_mlp
+from _state import assert_same, snapshot
 from matplotlib.contour import ContourSet
 from torch import nn
 
@@ -228,30 +228,6 @@ def test_batchnorm_cnn_from_init():
     assert torch.isfinite(s1d.losses).all()
 
 
-def _snapshot(model):
-    return {
-        "state": {k: v.clone() for k, v in model.state_dict().items()},
-        "grads": {n: None if p.grad is None else p.grad.clone() for n, p in model.named_parameters()},
-        "requires_grad": {n: p.requires_grad for n, p in model.named_parameters()},
-        "modes": [m.training for m in model.modules()],
-        "torch_rng": torch.random.get_rng_state(),
-        "py_rng": random.getstate(),
-        "np_rng": np.random.get_state()[1].copy(),
-    }
-
-
-def _assert_same(before, after):
-    for key in before["state"]:
-        assert torch.equal(before["state"][key], after["state"][key]), key
-    for key, g in before["grads"].items():
-        assert (g is None and after["grads"][key] is None) or torch.equal(g, after["grads"][key]), key
-    assert before["requires_grad"] == after["requires_grad"]
-    assert before["modes"] == after["modes"]
-    assert torch.equal(before["torch_rng"], after["torch_rng"])
-    assert before["py_rng"] == after["py_rng"]
-    assert np.array_equal(before["np_rng"], after["np_rng"])
-
-
 @pytest.mark.parametrize("eval_mode", [True, False])
 def test_weights_buffers_grads_modes_rng_untouched(eval_mode):
     net = _cnn()
@@ -261,10 +237,10 @@ def test_weights_buffers_grads_modes_rng_untouched(eval_mode):
     batches = [(x.reshape(-1, 1, 8, 8), y)]
     cross_entropy(net, batches[0]).backward()  # .grad set and must stay
     net[4].eval()  # a mixed mode (one BatchNorm in eval) must come back exactly
-    before = _snapshot(net)
+    before = snapshot(net)
     s = loss_surface(net, cross_entropy, batches, steps=3, eval_mode=eval_mode, generator=torch.Generator())
     line = loss_line(net, cross_entropy, batches, steps=3, eval_mode=eval_mode, generator=torch.Generator())
-    _assert_same(before, _snapshot(net))
+    assert_same(before, snapshot(net))
     assert torch.isfinite(s.losses).all() and torch.isfinite(line.losses).all()
     # the frozen parameter is not moved
     assert s.directions.shape[1] == sum(p.numel() for p in net.parameters() if p.requires_grad)

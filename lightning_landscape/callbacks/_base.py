@@ -122,17 +122,20 @@ class MeasurementCallback(Callback):
         self.generator = torch.Generator().manual_seed(seed)
         self.last_metrics: dict[str, float] = {}
         self._probe: list[Any] | None = None
+        self._val_probe: list[Any] | None = None
+        self._val_taken = False
         self._last_step = -1
         self._last_epoch = -1
         self._logger = MeasurementLogger(type(self).__name__)
         self._resolved_method: str | None = None
 
     # ------------------------------------------------------------------ identity and state
+    #: attributes that tell two instances of one callback class apart in a checkpoint
+    state_key_fields: tuple[str, ...] = ("every_n_train_steps", "every_n_epochs", "seed")
+
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(
-            every_n_train_steps=self.every_n_train_steps, every_n_epochs=self.every_n_epochs, seed=self.seed
-        )
+        return self._generate_state_key(**{name: getattr(self, name) for name in self.state_key_fields})
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -169,6 +172,12 @@ class MeasurementCallback(Callback):
         if loader is None:
             raise MeasurementError("no train dataloader to take probe batches from")
         return self._to_device(trainer, take_batches(loader, self.num_batches, seed=self.seed))
+
+    def val_probe(self, trainer: pl.Trainer) -> list[Any] | None:
+        """The validation probe set, taken once on first use (``None`` without a val loader)."""
+        if not self._val_taken:
+            self._val_probe, self._val_taken = self.take_val_probe(trainer), True
+        return self._val_probe
 
     def take_val_probe(self, trainer: pl.Trainer) -> list[Any] | None:
         """``num_batches`` fixed batches of the (first) validation loader, or ``None`` if there is none."""

@@ -49,6 +49,7 @@ class HessianCallback(MeasurementCallback):
         (3, True)
     """
 
+    state_key_fields = (*MeasurementCallback.state_key_fields, "top_k", "trace", "density")
     prefix = "hessian"
 
     def __init__(
@@ -102,15 +103,6 @@ class HessianCallback(MeasurementCallback):
         self.density_probes = density_probes
         self.density_steps = density_steps
         self.eigenvectors: torch.Tensor | None = None
-
-    @property
-    def state_key(self) -> str:
-        return self._generate_state_key(
-            every_n_train_steps=self.every_n_train_steps,
-            every_n_epochs=self.every_n_epochs,
-            top_k=self.top_k,
-            seed=self.seed,
-        )
 
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()

@@ -60,6 +60,7 @@ class LossLandscapeCallback(MeasurementCallback):
         ('landscape', 11, 21)
     """
 
+    state_key_fields = (*MeasurementCallback.state_key_fields, "steps", "distance")
     prefix = "landscape"
 
     def __init__(
@@ -109,17 +110,6 @@ class LossLandscapeCallback(MeasurementCallback):
         self.validation = validation
         #: the raw (not normalized) directions ``[2, numel]`` on the CPU, drawn at the first frame.
         self.directions: Tensor | None = None
-        self._val_probe: list[Any] | None = None
-        self._val_taken = False
-
-    @property
-    def state_key(self) -> str:
-        return self._generate_state_key(
-            every_n_train_steps=self.every_n_train_steps,
-            every_n_epochs=self.every_n_epochs,
-            steps=self.steps,
-            seed=self.seed,
-        )
 
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
@@ -152,10 +142,9 @@ class LossLandscapeCallback(MeasurementCallback):
         train_line = loss_line(pl_module, loss_fn, self._probe, self.steps_1d, direction=dirs[0], **common)
         val_line = None
         if self.validation:
-            if not self._val_taken:
-                self._val_probe, self._val_taken = self.take_val_probe(trainer), True
-            if self._val_probe:
-                val_line = loss_line(pl_module, loss_fn, self._val_probe, self.steps_1d, direction=dirs[0], **common)
+            val_batches = self.val_probe(trainer)
+            if val_batches:
+                val_line = loss_line(pl_module, loss_fn, val_batches, self.steps_1d, direction=dirs[0], **common)
 
         scalars = {"nonfinite_fraction": surface.nonfinite_fraction}
         for name, value in (("center_loss", surface.center_loss), ("rise_at_edge", surface.rise_at_edge())):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import pytorch_lightning as pl
 import torch
@@ -109,6 +108,7 @@ class SharpnessCallback(MeasurementCallback):
         ['worst_case_l2', 'keskar_linf']
     """
 
+    state_key_fields = (*MeasurementCallback.state_key_fields, "rho", "tags")
     prefix = "sharpness"
 
     def __init__(
@@ -159,23 +159,11 @@ class SharpnessCallback(MeasurementCallback):
         self.eta = float(eta)
         check_bool("generalization", generalization)
         self.generalization = generalization
-        self._val_probe: list[Any] | None = None
-        self._val_taken = False
 
     @property
     def tags(self) -> list[str]:
         """The scalar names of the sharpness measures, ``<kind>_<norm>[_adaptive]``, in order."""
         return [_tag(*s) for s in self.specs]
-
-    @property
-    def state_key(self) -> str:
-        return self._generate_state_key(
-            every_n_train_steps=self.every_n_train_steps,
-            every_n_epochs=self.every_n_epochs,
-            rho=self.rho,
-            kinds=tuple(self.tags),
-            seed=self.seed,
-        )
 
     def measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> tuple[dict[str, float], dict[str, Figure]]:
         scalars: dict[str, float] = {}
@@ -198,10 +186,9 @@ class SharpnessCallback(MeasurementCallback):
             train_loss = op.loss() if self.generalization else None
         scalars["weight_norm"] = weight_norm
         if self.generalization:
-            if not self._val_taken:
-                self._val_probe, self._val_taken = self.take_val_probe(trainer), True
-            if self._val_probe:
-                with self.operator(trainer, pl_module, self._val_probe) as val_op:
+            val_batches = self.val_probe(trainer)
+            if val_batches:
+                with self.operator(trainer, pl_module, val_batches) as val_op:
                     val_loss = val_op.loss()
                 train, val = float(train_loss), float(val_loss)
                 scalars[f"{_GENERALIZATION}/train_loss"] = train

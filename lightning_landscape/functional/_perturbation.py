@@ -40,16 +40,24 @@ def ascent_step(
     """
     if norm not in NORMS:
         raise ValueError(f"`norm` must be one of {NORMS}, got {norm!r}.")
+    if adaptive and weights is None:
+        raise ValueError("`weights` are needed for the adaptive step.")
+    grads = list(grads)
+    # one fused kernel per operation over all tensors (torch._foreach_*), not one per parameter
+    scales = None
     if adaptive:
-        if weights is None:
-            raise ValueError("`weights` are needed for the adaptive step.")
-        scales = [w.detach().abs() + eta for w in weights]
-    else:
-        scales = [None] * len(grads)
+        scales = torch._foreach_abs([w.detach() for w in weights])
+        torch._foreach_add_(scales, eta)
     if norm == "linf":
-        return [rho * (g.sign() if c is None else c * g.sign()) for g, c in zip(grads, scales, strict=True)]
-    scaled = [g if c is None else c * g for g, c in zip(grads, scales, strict=True)]
-    total = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(s.float()) for s in scaled]))
-    factor = rho / total.clamp_min(torch.finfo(torch.float32).tiny)
-    factor = torch.where(total > 0, factor, torch.zeros_like(factor))
-    return [(s if c is None else c * s) * factor.to(s.dtype) for s, c in zip(scaled, scales, strict=True)]
+        signs = torch._foreach_sign(grads)
+        out = signs if scales is None else torch._foreach_mul(signs, scales)
+        torch._foreach_mul_(out, rho)
+        return list(out)
+    scaled = grads if scales is None else torch._foreach_mul(grads, scales)
+    norms = torch._foreach_norm(scaled)
+    total = torch.linalg.vector_norm(torch.stack([n.float() for n in norms]))
+    factor = torch.where(total > 0, rho / total.clamp_min(torch.finfo(torch.float32).tiny), torch.zeros_like(total))
+    out = [s.clone() for s in scaled] if scales is None else torch._foreach_mul(scaled, scales)
+    for t in out:
+        t.mul_(factor.to(t.dtype))
+    return list(out)

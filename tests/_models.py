@@ -44,7 +44,7 @@ def dense_hessian(model: nn.Module, loss_fn, batches) -> Tensor:
         bound = _Bound(model64, params)
         return sum(len(b[0]) / total * loss_fn(bound, b) for b in batches64)
 
-    return torch.autograd.functional.hessian(loss_of, flat0)
+    return torch.autograd.functional.hessian(loss_of, flat0, vectorize=True)
 
 
 class _Bound(nn.Module):

@@ -45,12 +45,26 @@ def _spectrum(model, batches):
     return h, torch.linalg.eigvalsh(h).flip(0)
 
 
-@pytest.mark.parametrize("pretrain", [0, 300])
-def test_top1_cold_start(data, pretrain):
-    x, y, batches = data
-    model = digits_mlp()
-    _train(model, x, y, pretrain)
-    _, exact = _spectrum(model, batches)
+@pytest.fixture(scope="module")
+def init_model():
+    return digits_mlp()
+
+
+@pytest.fixture(scope="module")
+def init_spectrum(data, init_model):
+    return _spectrum(init_model, data[2])
+
+
+@pytest.fixture(scope="module")
+def trained_spectrum(data, trained):
+    return _spectrum(trained, data[2])
+
+
+@pytest.mark.parametrize("point", ["init", "trained"])
+def test_top1_cold_start(data, point, request):
+    batches = data[2]
+    model = request.getfixturevalue(f"{point}_model" if point == "init" else point)
+    _, exact = request.getfixturevalue(f"{point}_spectrum")
     r = LF.hessian_eigenvalues(model, cross_entropy, batches, k=1)
     assert r.converged
     assert r.num_hvps <= 12
@@ -70,9 +84,9 @@ def test_warm_start_after_steps(data, trained):
     assert warm.num_hvps < cold.num_hvps
 
 
-def test_top3(data, trained):
+def test_top3(data, trained, trained_spectrum):
     _, _, batches = data
-    _, exact = _spectrum(trained, batches)
+    _, exact = trained_spectrum
     r = LF.hessian_eigenvalues(trained, cross_entropy, batches, k=3)
     assert r.num_hvps <= 30
     rel = (r.eigenvalues - exact[:3]).abs() / exact[:3]
@@ -82,18 +96,18 @@ def test_top3(data, trained):
     torch.testing.assert_close(gram, torch.eye(3), atol=1e-4, rtol=0)
 
 
-def test_eigenvectors_are_eigenvectors(data, trained):
+def test_eigenvectors_are_eigenvectors(data, trained, trained_spectrum):
     _, _, batches = data
-    h, _ = _spectrum(trained, batches)
+    h, _ = trained_spectrum
     r = LF.hessian_eigenvalues(trained, cross_entropy, batches, k=2, tol=1e-6)
     v = r.eigenvectors.double()
     residual = (v @ h - r.eigenvalues[:, None] * v).norm(dim=1) / r.eigenvalues.abs()
     assert (residual < 1e-2).all()
 
 
-def test_trace_default_budget(data, trained):
+def test_trace_default_budget(data, trained, trained_spectrum):
     _, _, batches = data
-    h, _ = _spectrum(trained, batches)
+    h, _ = trained_spectrum
     t = LF.hessian_trace(trained, cross_entropy, batches)
     assert t.num_hvps <= 100
     exact = h.trace().item()
@@ -101,12 +115,12 @@ def test_trace_default_budget(data, trained):
     assert abs(t.estimate - exact) <= 4 * t.stderr + 1e-6
 
 
-def test_trace_at_init_within_its_stderr(data):
+def test_trace_at_init_within_its_stderr(data, init_model, init_spectrum):
     # at initialization the Hessian is strongly indefinite (negative mass ~5x the trace): no
     # stochastic estimator gets a small relative error cheaply, but the reported stderr is honest
     _, _, batches = data
-    model = digits_mlp()
-    h, _ = _spectrum(model, batches)
+    model = init_model
+    h, _ = init_spectrum
     for method in ("hutch++", "hutchinson"):
         t = LF.hessian_trace(model, cross_entropy, batches, method=method)
         assert abs(t.estimate - h.trace().item()) <= 4 * t.stderr
@@ -118,9 +132,9 @@ def test_hutchinson_on_diagonal_is_exact():
     assert t.estimate == pytest.approx(a.trace().item(), rel=1e-5)
 
 
-def test_density_matches_spectrum(data, trained):
+def test_density_matches_spectrum(data, trained, trained_spectrum):
     _, _, batches = data
-    _, exact = _spectrum(trained, batches)
+    _, exact = trained_spectrum
     d = LF.hessian_density(trained, cross_entropy, batches, num_probes=4, num_steps=40)
     dx = float(d.grid[1] - d.grid[0])
     assert float(d.density.sum()) * dx == pytest.approx(1.0, abs=1e-3)
@@ -133,9 +147,9 @@ def test_density_matches_spectrum(data, trained):
     assert d.num_hvps == 4 * 40
 
 
-def test_hvp_matches_dense(data, trained):
+def test_hvp_matches_dense(data, trained, trained_spectrum):
     _, _, batches = data
-    h, _ = _spectrum(trained, batches)
+    h, _ = trained_spectrum
     v = torch.randn(3, h.shape[0], generator=torch.Generator().manual_seed(1))
     expected = v.double() @ h
     for method in ("double_backward", "double_backward_batched", "forward_over_reverse", "finite_difference"):
@@ -145,9 +159,9 @@ def test_hvp_matches_dense(data, trained):
         assert err < (1e-3 if method == "finite_difference" else 1e-5), (method, err)
 
 
-def test_parameter_subset(data, trained):
+def test_parameter_subset(data, trained, trained_spectrum):
     _, _, batches = data
-    h, _ = _spectrum(trained, batches)
+    h, _ = trained_spectrum
     n_first = 64 * 24 + 24
     block = h[n_first:, n_first:]  # the last layer's block
     r = LF.hessian_eigenvalues(trained, cross_entropy, batches, params=["2.weight", "2.bias"], k=1)

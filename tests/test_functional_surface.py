@@ -357,3 +357,23 @@ def test_bad_arguments_name_the_argument():
         loss_line(model, lambda m, b: m(b[0]), batches, steps=3)
     with pytest.raises(ValueError, match="`batches`"):
         loss_line(model, _half_squares, [], steps=3)
+
+
+def test_out_of_memory_splits_the_batch():
+    """A probe batch that does not fit is evaluated in halves, sample-weighted (simulated on the CPU)."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(64, 16), nn.Tanh(), nn.Linear(16, 10))
+    x, y = digits(60)
+    reference = loss_surface(net, cross_entropy, [(x, y)], steps=3, generator=torch.Generator().manual_seed(0))
+    sizes = []
+
+    def limited(model, batch):
+        sizes.append(len(batch[0]))
+        if len(batch[0]) > 16:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return cross_entropy(model, batch)
+
+    got = loss_surface(net, limited, [(x, y)], steps=3, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(got.losses, reference.losses, rtol=1e-6, atol=0)
+    assert sizes[:4] == [60, 30, 15, 15]  # 60 -> halves of 30 -> quarters of 15, then kept
+    assert max(sizes[7:]) == 15

@@ -7,7 +7,7 @@ from typing import Any
 
 from torch import Tensor
 
-__all__ = ["apply_to_tensors", "batch_size"]
+__all__ = ["apply_to_tensors", "batch_size", "split_batch"]
 
 
 def apply_to_tensors(batch: Any, fn: Callable[[Tensor], Tensor]) -> Any:
@@ -49,3 +49,21 @@ def batch_size(batch: Any) -> int:
         if isinstance(item, (Tensor, Mapping, list, tuple)):
             return batch_size(item)
     return 1
+
+
+def split_batch(batch: Any, pieces: int) -> list[Any]:
+    """Split a batch into at most ``pieces`` consecutive parts along the sample dimension.
+
+    Every tensor whose leading size is the batch size is sliced; anything else is shared.
+
+    Example:
+        >>> import torch
+        >>> [b[0].tolist() for b in split_batch((torch.arange(5), "meta"), 2)]
+        [[0, 1, 2], [3, 4]]
+    """
+    n = batch_size(batch)
+    step = -(-n // max(1, min(pieces, n)))  # ceil
+    return [
+        apply_to_tensors(batch, lambda t, s=start: t[s : s + step] if t.dim() > 0 and t.shape[0] == n else t)
+        for start in range(0, n, step)
+    ]

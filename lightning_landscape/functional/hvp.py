@@ -51,7 +51,7 @@ class _OutOfMemory(RuntimeError):
     """Every failing process ran out of memory: retry with fewer vectors at a time."""
 
 
-def _is_oom(err: BaseException) -> bool:
+def is_out_of_memory(err: BaseException) -> bool:
     return isinstance(err, torch.OutOfMemoryError) or "out of memory" in str(err).lower()
 
 
@@ -189,12 +189,12 @@ class LossOperator:
         retry with smaller chunks.
         """
         if self.reduce_fn is None:
-            if failure is not None and _is_oom(failure):
+            if failure is not None and is_out_of_memory(failure):
                 raise _OutOfMemory() from failure
             if failure is not None:
                 raise failure
             return local
-        flags = [0.0 if failure is None else 1.0, 1.0 if failure is not None and _is_oom(failure) else 0.0]
+        flags = [0.0 if failure is None else 1.0, 1.0 if failure is not None and is_out_of_memory(failure) else 0.0]
         flag = torch.tensor(flags, dtype=local.dtype, device=local.device)
         packed = self.reduce_fn(torch.cat([local.reshape(-1), flag]))
         failed, oom = packed[-2:].tolist()
@@ -208,7 +208,7 @@ class LossOperator:
         try:
             local, failure = compute(), None
         except Exception as err:
-            if self.reduce_fn is None and not _is_oom(err):
+            if self.reduce_fn is None and not is_out_of_memory(err):
                 raise
             local, failure = torch.zeros(shape, dtype=self.spec.dtype, device=self.spec.device), err
         return self._reduce(local, failure)

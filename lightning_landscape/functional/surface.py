@@ -28,10 +28,10 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from lightning_landscape.functional._batches import batch_size
+from lightning_landscape.functional._batches import batch_size, split_batch
 from lightning_landscape.functional._params import ParamSpec
 from lightning_landscape.functional._random import gaussian, make_generator
-from lightning_landscape.functional.hvp import LossFn, LossOperator, MeasurementError
+from lightning_landscape.functional.hvp import LossFn, LossOperator, MeasurementError, is_out_of_memory
 
 __all__ = [
     "LineResult",
@@ -358,6 +358,21 @@ def _evaluate(
 
         row = torch.empty_like(theta) if any(b is not None for _, b in points) else point
         row_a: float | None = None
+        pieces = 1  # grows when a batch does not fit in memory; kept for the rest of the grid
+
+        def batch_loss(net: nn.Module, batch: Any) -> Tensor:
+            nonlocal pieces
+            while True:
+                try:
+                    parts = split_batch(batch, pieces) if pieces > 1 else [batch]
+                    total = sum(batch_size(p) * _scalar(loss_fn(net, p)) for p in parts)
+                    return total / batch_size(batch)
+                except Exception as err:
+                    if not is_out_of_memory(err) or pieces >= batch_size(batch):
+                        raise
+                    pieces *= 2
+                    if device.type == "cuda":
+                        torch.cuda.empty_cache()
 
         def run(net: nn.Module) -> Tensor:
             nonlocal row_a
@@ -371,17 +386,12 @@ def _evaluate(
                 for batch in op.batches:
                     for scratch, original in buffer_pairs:
                         scratch.copy_(original)
-                    loss = loss_fn(net, batch)
-                    if not isinstance(loss, Tensor) or loss.numel() != 1:
-                        shape = tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__
-                        raise ValueError(f"`loss_fn` must return a scalar tensor, got {shape}.")
-                    values.append(loss if loss.dim() == 0 else loss.reshape(()))
+                    values.append(batch_loss(net, batch))
             return torch.stack(values).reshape(len(points), len(op.batches))
 
         failure: BaseException | None = None
         try:
-            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-                local = functional_call(_GridModule(model), tensors, (run,))
+            local = functional_call(_GridModule(model), tensors, (run,))  # the operator forked the RNGs
             weights = torch.tensor(counts, dtype=torch.float64, device=local.device)
             sums = local.to(torch.float64) @ weights  # [points]: sum of the loss over this process's samples
         except Exception as err:
@@ -397,6 +407,13 @@ def _evaluate(
             sums, total = packed[:-2], packed[-2:-1]
         losses = (sums / total).cpu()
     return torch.where(losses.isfinite(), losses, math.nan)
+
+
+def _scalar(loss: object) -> Tensor:
+    if not isinstance(loss, Tensor) or loss.numel() != 1:
+        shape = tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__
+        raise ValueError(f"`loss_fn` must return a scalar tensor, got {shape}.")
+    return loss.reshape(())
 
 
 # ---------------------------------------------------------------------------------------------- checks

@@ -138,6 +138,7 @@ class HessianCallback(MeasurementCallback):
                 figures["hessian/spectral_density"] = spectral_density_figure(
                     dens.grid, dens.density, title=f"Hessian spectral density, step {trainer.global_step}"
                 )
+            num_hvps += op.probe_hvps
             self.note_method(trainer, op)
         self.eigenvectors = eig.eigenvectors.detach()
         scalars["num_hvps"] = float(num_hvps)

@@ -97,6 +97,10 @@ class LossOperator:
             must call the operator in the same order.
         chunk_size: the most vectors pushed through one batched product (memory bound). On running
             out of memory the chunk is halved and the product retried, down to one vector.
+        cache_graph: keep each batch's gradient graph (``create_graph=True``) for the operator's lifetime,
+            so a double-backward product costs one backward pass instead of a forward and two backward
+            passes (PyHessian does this for one batch). Costs the graphs' memory; dropped on running out
+            of memory.
         fd_step: relative size of the central finite-difference step (default ``eps^(1/3) / 8`` of the
             dtype, ~6e-4 in float32), scaled by ``(1 + rms(θ)) / rms(v)``. Finite differences see the
             kinks of ReLU-like activations, which the autograd Hessian ignores: on such models they
@@ -124,6 +128,7 @@ class LossOperator:
         reduce_fn: ReduceFn | None = None,
         chunk_size: int | None = None,
         fd_step: float | None = None,
+        cache_graph: bool = True,
     ) -> None:
         if not callable(loss_fn):
             raise TypeError(f"`loss_fn` must be callable as loss_fn(model, batch), got {type(loss_fn).__name__}.")
@@ -142,6 +147,10 @@ class LossOperator:
         self.eval_mode = eval_mode
         self.chunk_size = chunk_size
         self.fd_step = fd_step
+        self.cache_graph = cache_graph
+        #: products spent choosing the method (``hvp_method="auto"``): one, on the first batch
+        self.probe_hvps = 0
+        self._graphs: dict[int, tuple[list[Tensor], list[int], list[Tensor]]] = {}
         self.size = self.spec.numel
         self.dtype = self.spec.dtype
         self.device = self.spec.device
@@ -176,6 +185,7 @@ class LossOperator:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        self._graphs.clear()
         self._ctx.pop().close()
         for module, training in self._mode_stack.pop():
             module.training = training
@@ -312,6 +322,10 @@ class LossOperator:
                 ]
                 return torch.cat(parts)
             except _OutOfMemory:
+                if self._graphs:  # first give back the cached gradient graphs
+                    self._graphs.clear()
+                    self.cache_graph = False
+                    continue
                 if chunk == 1:
                     raise MeasurementError("out of memory even one vector at a time") from None
                 chunk = max(1, chunk // 2)
@@ -324,6 +338,7 @@ class LossOperator:
         errors = []
         for name, math_sdpa in _AUTO_CHAIN:
             try:
+                self.probe_hvps = 1
                 hv = self._local_hvp(probe, name, math_sdpa, batches=self.batches[:1])
                 failure = None if bool(torch.isfinite(hv).all()) else MeasurementError("non-finite HVP")
             except (RuntimeError, NotImplementedError) as err:
@@ -344,21 +359,35 @@ class LossOperator:
             "forward_over_reverse": self._hvp_forward_over_reverse,
             "finite_difference": self._hvp_finite_difference,
         }[name]
+        cached = batches is None
         with _math_attention() if math_sdpa else contextlib.nullcontext():
             total = torch.zeros_like(vectors)
-            for w, b in zip(weights, batches, strict=False):
-                total += compute(vectors, b, batched=name == "double_backward_batched") * w
+            for i, (w, b) in enumerate(zip(weights, batches, strict=False)):
+                total += compute(vectors, b, batched=name == "double_backward_batched", key=i if cached else None) * w
         return total
 
-    def _hvp_double_backward(self, vectors: Tensor, batch: Any, batched: bool = False) -> Tensor:
+    def _gradient_graph(self, batch: Any, key: int | None) -> tuple[list[Tensor], list[int], list[Tensor]]:
+        """``(point, live, outputs)``: the gradient at θ with its graph, cached under ``key``."""
+        keep = key is not None and self.cache_graph
+        if keep and key in self._graphs:
+            return self._graphs[key]
         point = [t.detach().requires_grad_(True) for t in self.spec.tensors()]
         loss = self._batch_loss(point, batch)
         grads = torch.autograd.grad(loss, point, create_graph=True, allow_unused=True, materialize_grads=True)
         live = [i for i, g in enumerate(grads) if g.requires_grad]
+        graph = (point, live, [grads[i] for i in live])
+        if keep:
+            self._graphs[key] = graph
+        return graph
+
+    def _hvp_double_backward(
+        self, vectors: Tensor, batch: Any, batched: bool = False, key: int | None = None
+    ) -> Tensor:
+        point, live, outputs = self._gradient_graph(batch, key)
+        keep = key is not None and self.cache_graph
         out = torch.zeros_like(vectors)
         if not live:  # the gradient does not depend on the parameters: H = 0
             return out
-        outputs = [grads[i] for i in live]
         parts = self.spec.split(vectors)
         if batched:
             hv = torch.autograd.grad(
@@ -366,6 +395,7 @@ class LossOperator:
                 point,
                 [parts[i] for i in live],
                 is_grads_batched=True,
+                retain_graph=keep,
                 allow_unused=True,
                 materialize_grads=True,
             )
@@ -375,14 +405,16 @@ class LossOperator:
                 outputs,
                 point,
                 [parts[i][j] for i in live],
-                retain_graph=j + 1 < vectors.shape[0],
+                retain_graph=keep or j + 1 < vectors.shape[0],
                 allow_unused=True,
                 materialize_grads=True,
             )
             out[j] = self.spec.flatten(hv).detach()
         return out
 
-    def _hvp_forward_over_reverse(self, vectors: Tensor, batch: Any, batched: bool = False) -> Tensor:
+    def _hvp_forward_over_reverse(
+        self, vectors: Tensor, batch: Any, batched: bool = False, key: int | None = None
+    ) -> Tensor:
         base = tuple(self.spec.tensors())
 
         def loss_of(*point: Tensor) -> Tensor:
@@ -396,7 +428,9 @@ class LossOperator:
 
         return torch.func.vmap(one)(vectors).detach()
 
-    def _hvp_finite_difference(self, vectors: Tensor, batch: Any, batched: bool = False) -> Tensor:
+    def _hvp_finite_difference(
+        self, vectors: Tensor, batch: Any, batched: bool = False, key: int | None = None
+    ) -> Tensor:
         base = self.spec.tensors()
         # an eighth of the textbook eps^(1/3): on the test models truncation, not rounding, dominates
         step_scale = self.fd_step or 0.125 * torch.finfo(self.spec.dtype).eps ** (1 / 3)

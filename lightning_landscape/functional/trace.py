@@ -131,7 +131,9 @@ def hessian_trace(
         True
     """
     with LossOperator(model, loss_fn, batches, params, hvp_method=hvp_method, eval_mode=eval_mode) as op:
-        return trace_estimate(op, num_hvps, method=method, generator=generator)
+        result = trace_estimate(op, num_hvps, method=method, generator=generator)
+        result.num_hvps += op.probe_hvps  # the one product hvp_method='auto' spends choosing
+        return result
 
 
 def slq_density(
@@ -217,6 +219,8 @@ def hessian_density(
         True
     """
     with LossOperator(model, loss_fn, batches, params, hvp_method=hvp_method, eval_mode=eval_mode) as op:
-        return slq_density(
+        result = slq_density(
             op, num_probes=num_probes, num_steps=num_steps, grid_size=grid_size, sigma=sigma, generator=generator
         )
+        result.num_hvps += op.probe_hvps
+        return result

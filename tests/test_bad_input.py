@@ -121,13 +121,6 @@ def test_manual_optimization_needs_loss_fn_at_setup(tmp_path, cls):
         trainer(tmp_path, [cls(every_n_epochs=1)], max_steps=1, logger=False).fit(_ManualModule(), train)
 
 
-def test_count_cases():
-    """The closing note quotes how many invalid inputs are covered."""
-    total = len(CASES) + len(SPECIFIC) * 2 + 1 + sum(len(v) for _, v in SAM_CASES) + len(SPECIFIC)
-    assert total > 150
-    print(f"bad-input cases: {total}")
-
-
 def test_unsupported_strategy_refused_at_setup(tmp_path):
     class FakeFSDP(pl.strategies.SingleDeviceStrategy):
         pass

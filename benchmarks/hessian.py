@@ -40,6 +40,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from _bench_models import CRITERION, loss_fn, resnet_digits
 from torch import Tensor, nn
 
 from lightning_landscape import functional as LF
@@ -87,21 +88,6 @@ def load_digits(device: torch.device, seed: int) -> tuple[Tensor, Tensor]:
     return x[perm].to(device), y[perm].to(device)
 
 
-class BasicBlock(nn.Module):
-    def __init__(self, width: int) -> None:
-        super().__init__()
-        self.body = nn.Sequential(
-            nn.Conv2d(width, width, 3, padding=1, bias=False),
-            nn.BatchNorm2d(width),
-            nn.ReLU(),
-            nn.Conv2d(width, width, 3, padding=1, bias=False),
-            nn.BatchNorm2d(width),
-        )
-
-    def forward(self, x: Tensor) -> Tensor:
-        return torch.relu(x + self.body(x))
-
-
 def make_model(name: str) -> nn.Module:
     """Small models on 8x8 digits (inputs are the flat 64 pixels)."""
     if name == "mlp":
@@ -118,25 +104,7 @@ def make_model(name: str) -> nn.Module:
             nn.Flatten(),
             nn.Linear(64, 10),
         )
-    width = 16  # "resnet": a ResNet-8-like stem + 3 basic blocks with BatchNorm
-    return nn.Sequential(
-        nn.Unflatten(1, (1, 8, 8)),
-        nn.Conv2d(1, width, 3, padding=1, bias=False),
-        nn.BatchNorm2d(width),
-        nn.ReLU(),
-        *[BasicBlock(width) for _ in range(3)],
-        nn.AdaptiveAvgPool2d(1),
-        nn.Flatten(),
-        nn.Linear(width, 10),
-    )
-
-
-CRITERION = nn.CrossEntropyLoss()
-
-
-def loss_fn(model: nn.Module, batch: tuple[Tensor, Tensor]) -> Tensor:
-    x, y = batch
-    return CRITERION(model(x), y)
+    return resnet_digits(16)  # a ResNet-8-like stem + 3 basic blocks with BatchNorm
 
 
 def train(model: nn.Module, x: Tensor, y: Tensor, steps: int) -> tuple[float, float]:

@@ -25,8 +25,9 @@ import warnings
 
 import pytorch_lightning as pl
 import torch
+from _bench_models import resnet_digits
 from pytorch_lightning.loops.optimization.automatic import Closure
-from torch import Tensor, nn
+from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_landscape.sam import SAMMixin
@@ -46,21 +47,6 @@ def parse_args() -> argparse.Namespace:
     return p.parse_args()
 
 
-class Block(nn.Module):
-    def __init__(self, width: int) -> None:
-        super().__init__()
-        self.body = nn.Sequential(
-            nn.Conv2d(width, width, 3, padding=1, bias=False),
-            nn.BatchNorm2d(width),
-            nn.ReLU(),
-            nn.Conv2d(width, width, 3, padding=1, bias=False),
-            nn.BatchNorm2d(width),
-        )
-
-    def forward(self, x: Tensor) -> Tensor:
-        return torch.relu(x + self.body(x))
-
-
 def make_model(name: str, width: int) -> nn.Module:
     """Small models on the 8x8 digits (inputs are the flat 64 pixels)."""
     if name == "mlp":
@@ -76,16 +62,7 @@ def make_model(name: str, width: int) -> nn.Module:
             nn.Flatten(),
             nn.Linear(16 * width, 10),
         )
-    return nn.Sequential(  # a ResNet-8-like stem and three basic blocks with BatchNorm
-        nn.Unflatten(1, (1, 8, 8)),
-        nn.Conv2d(1, width, 3, padding=1, bias=False),
-        nn.BatchNorm2d(width),
-        nn.ReLU(),
-        *[Block(width) for _ in range(3)],
-        nn.AdaptiveAvgPool2d(1),
-        nn.Flatten(),
-        nn.Linear(width, 10),
-    )
+    return resnet_digits(width)  # a ResNet-8-like stem + 3 basic blocks with BatchNorm
 
 
 class Model(SAMMixin, pl.LightningModule):

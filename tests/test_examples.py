@@ -1,0 +1,116 @@
+"""Smoke tests of the examples: each one's ``--fast`` mode runs in-process through its ``main(argv)``.
+
+They check that every example runs end to end, returns (and prints) finite numbers under the names the
+README quotes, and writes its files (figures under ``--out``, TensorBoard events, the CLI's saved config).
+The numbers themselves are the examples' results, not the library's: they are not compared with values.
+"""
+
+from __future__ import annotations
+
+import doctest
+import glob
+import importlib.util
+import math
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+MAX_PNG_BYTES = 200_000
+
+pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::UserWarning")]
+
+
+def load(name: str) -> ModuleType:
+    """Import ``examples/<name>.py`` as a module (the examples folder is not a package)."""
+    spec = importlib.util.spec_from_file_location(f"example_{name}", EXAMPLES / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def assert_finite(results: dict[str, float], expected: list[str]) -> None:
+    missing = [k for k in expected if k not in results]
+    assert not missing, f"missing results {missing}; got {sorted(results)}"
+    bad = {k: v for k, v in results.items() if not math.isfinite(v)}
+    assert not bad, f"non-finite results: {bad}"
+
+
+def assert_png(path: Path) -> None:
+    assert path.is_file(), f"{path} was not written"
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    assert len(data) < MAX_PNG_BYTES, f"{path} is {len(data)} bytes"
+
+
+def test_quickstart_fast(tmp_path, capsys):
+    results = load("quickstart").main(["--fast", "--logdir", str(tmp_path)])
+    for prefix in ("hessian/", "sharpness/", "landscape/", "generalization/"):
+        assert any(k.startswith(prefix) for k in results), f"no {prefix} result in {sorted(results)}"
+    assert_finite(
+        results,
+        ["hessian/eigenvalue_1", "hessian/trace", "sharpness/worst_case_l2", "landscape/rise_at_edge",
+         "generalization/gap"],
+    )  # fmt: skip
+    assert glob.glob(f"{tmp_path}/**/events.out.tfevents.*", recursive=True), "no TensorBoard event file"
+    assert "tensorboard --logdir" in capsys.readouterr().out
+
+
+def test_skip_connections_fast(tmp_path, capsys):
+    module = load("skip_connections")
+    assert doctest.testmod(module).failed == 0
+    results = module.main(["--fast", "--out", str(tmp_path)])
+    names = ["train loss", "val accuracy", "top eigenvalue", "most negative eigenvalue", "rise_at_edge",
+             "non-convex fraction of slice"]  # fmt: skip
+    assert_finite(results, [f"{case}/{name}" for case in ("with skips", "without skips") for name in names])
+    assert_png(tmp_path / "skip_connections.png")
+    out = capsys.readouterr().out
+    assert "with skips" in out and "without skips" in out and "top eigenvalue" in out
+
+
+def test_batch_size_fast(tmp_path, capsys):
+    results = load("batch_size").main(["--fast", "--out", str(tmp_path)])
+    names = ["gap (val − train loss)", "worst-case l2 sharpness ρ=.05", "keskar sharpness ε=1e-3",
+             "top Hessian eigenvalue"]  # fmt: skip
+    assert_finite(results, [f"batch {bs}/{name}" for bs in (16, 128) for name in names])
+    assert results["batch 16/worst-case l2 sharpness ρ=.05"] >= 0  # a maximum over a set holding δ = 0
+    assert_png(tmp_path / "batch_size.png")
+    assert "keskar sharpness" in capsys.readouterr().out
+
+
+def test_device_modeling_fast(tmp_path, capsys):
+    module = load("device_modeling")
+    assert doctest.testmod(module).failed == 0
+    results = module.main(["--fast", "--out", str(tmp_path)])
+    names = ["gap (test − train)", "RMS error vs truth (decades)", "worst-case l2 sharpness ρ=.05",
+             "top Hessian eigenvalue"]  # fmt: skip
+    assert_finite(results, [f"{case}/{name}" for case in ("plain (Adam)", "SAM (ρ=0.05)") for name in names])
+    assert_png(tmp_path / "device_modeling.png")
+    assert "SAM (ρ=0.05)" in capsys.readouterr().out
+
+
+def test_cli_fast(tmp_path, capsys):
+    argv = [
+        "fit",
+        "--config", str(EXAMPLES / "config.yaml"),
+        "--trainer.max_epochs=1",
+        "--trainer.limit_val_batches=2",
+        "--data.n_train=128",
+        "--model.width=4",
+        "--model.sam=true",
+        "--model.sam_rho=0.1",
+        f"--trainer.logger.init_args.save_dir={tmp_path}",
+    ]  # fmt: skip
+    results = load("cli").main(argv)
+    assert_finite(
+        results,
+        ["hessian/eigenvalue_1", "hessian/trace", "sharpness/worst_case_l2", "sharpness/average_case_l2",
+         "landscape/rise_at_edge", "generalization/gap"],
+    )  # fmt: skip
+    assert glob.glob(f"{tmp_path}/**/events.out.tfevents.*", recursive=True), "no TensorBoard event file"
+    saved = glob.glob(f"{tmp_path}/**/config.yaml", recursive=True)
+    assert saved, "LightningCLI saved no config"
+    text = Path(saved[0]).read_text()
+    assert "sam: true" in text and "sam_rho: 0.1" in text and "lightning_landscape.SharpnessCallback" in text
+    assert "sam=True" in capsys.readouterr().out

@@ -13,8 +13,8 @@ and bulk grounded, which covers weak, moderate and strong inversion with one exp
 
 with V_T0 = 0.45 V, n = 1.35, U_T = kT/q = 25.85 mV (300 K), KP = 200 µA/V², W/L = 5 (β = 1 mA/V²,
 I_S ≈ 1.8 µA) and λ = 0.08 V⁻¹, over V_GS ∈ [0, 1.2] V and V_DS ∈ [0.05, 1.2] V: the current spans
-about eight decades (≈ 10 pA to ≈ 0.5 mA). Measurement noise is multiplicative, I_meas = I_D · exp(σ·z),
-z ~ N(0, 1), σ = 0.05 (5 %), drawn from ``--seed``.
+almost eight decades (≈ 4 pA to ≈ 0.23 mA). Measurement noise is multiplicative, I_meas = I_D · exp(σ·z),
+z ~ N(0, 1), σ = 0.05 (5 %, i.e. 0.022 decades of log10 I_D), drawn from ``--seed``.
 
 As a device engineer would, the network fits ``log10(I_D / 1 A)``, standardized with the training
 points' mean and standard deviation (so the loss is a mean squared error in units of that spread, and
@@ -27,7 +27,7 @@ default); ``--seeds`` initializations (the data stay the same). Then, per run:
 
 - train and test loss and the generalization gap (test − train), in the standardized units;
 - the RMS error of ``log10 I_D`` against the noise-free model on the test grid, in decades, and the
-  matching typical relative current error;
+  matching typical relative current error ``10^RMS − 1``;
 - worst-case ℓ2 sharpness (plain, ``ρ = 0.05``, and adaptive, ``ρ = 0.5``), average-case ℓ2 sharpness and
   the top Hessian eigenvalue of the training loss, all on the whole training set;
 

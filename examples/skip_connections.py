@@ -5,13 +5,13 @@ without shortcut connections has a chaotic, sharply rising loss surface while th
 has a smooth, nearly convex basin. This example repeats the experiment at laptop scale on scikit-learn's
 digits (1x8x8 images, bundled, no download): one ResNet-style CNN, a 3x3 stem and ``--blocks`` residual
 blocks of two 3x3 conv + BatchNorm layers each (``2·blocks + 1`` conv layers and a linear head; 17 + 1
-at the default 8 blocks), trained twice from the *same* initial weights (the shortcuts add no
-parameters), with and without the shortcuts. Then, for each trained network, with
-``lightning_landscape.functional``:
+at the default 8 blocks), trained with and without the shortcuts from the *same* initial weights and
+batch order (the shortcuts add no parameters), for each of ``--seeds`` seeds. Then, for each trained
+network, with ``lightning_landscape.functional``:
 
 - a 2D loss slice on the same fixed probe set of training images (``loss_surface``, filter-normalized
   random directions from ``random_directions`` with the same seed for both networks), drawn side by side
-  with one shared colour scale and saved as ``<out>/skip_connections.png``;
+  with one shared colour scale (seed 0) and saved as ``<out>/skip_connections.png``;
 - the top Hessian eigenvalue (``hessian_eigenvalues``, Lanczos) and the most negative one (the top
   eigenvalue of the Hessian of the negated loss) at the trained weights, on the same probe set;
 - training and validation loss and accuracy (whole sets, eval mode).
@@ -22,11 +22,12 @@ width of the basin in the slice; and, read off the grid too, the fraction of int
 slice's own curvature (finite differences) is not convex, and the number of local minima in it (Li et
 al. describe the surfaces without shortcuts as chaotic and non-convex).
 
-Everything is printed as a table. Run it:
+Everything is printed as a table per seed, then as means over seeds with the number of seeds in which
+the network without shortcuts has the higher value. Run it:
 
     python examples/skip_connections.py                 # a few minutes on a laptop CPU
     python examples/skip_connections.py --fast          # well under a minute (the CI smoke test)
-    python examples/skip_connections.py --out /tmp/figs --blocks 6 --epochs 12
+    python examples/skip_connections.py --out /tmp/figs --blocks 12 --epochs 12 --seeds 5
 
 The example states no expected outcome here: what it measured on our machine is in the README.
 """
@@ -46,6 +47,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import LogNorm, Normalize
 from matplotlib.figure import Figure
 from torch import Tensor, nn
+from torch.utils.data import DataLoader, TensorDataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from quickstart import digits_loaders
@@ -196,6 +198,68 @@ def side_by_side_figure(results: dict[str, LF.SurfaceResult], eigen: dict[str, f
     return fig
 
 
+def run_case(
+    skip: bool, seed: int, args: argparse.Namespace, data: dict[str, Tensor]
+) -> tuple[LF.SurfaceResult, dict[str, float]]:
+    """Train the network with or without shortcuts from ``seed``, then slice and measure it."""
+    pl.seed_everything(seed, verbose=False)  # the same initial weights with and without shortcuts
+    model = DigitsResNet(blocks=args.blocks, width=args.width, skip=skip, epochs=args.epochs)
+    x_train, y_train, x_val, y_val = data["x_train"], data["y_train"], data["x_val"], data["y_val"]
+    train = DataLoader(TensorDataset(x_train, y_train), batch_size=64, shuffle=True,
+                       generator=torch.Generator().manual_seed(seed))  # same batch order too  # fmt: skip
+    probe = [(x_train[: args.probe], y_train[: args.probe])]  # fixed: the same images for every network
+    trainer = pl.Trainer(
+        max_epochs=args.epochs,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        enable_progress_bar=False,
+        limit_val_batches=0,
+    )
+    start = time.perf_counter()
+    trainer.fit(model, train)
+    train_seconds = time.perf_counter() - start
+
+    start = time.perf_counter()
+    dirs = LF.random_directions(model, torch.Generator().manual_seed(seed), count=2)  # same raw directions
+    surface = LF.loss_surface(model, cross_entropy, probe, steps=args.steps, distance=args.distance, directions=dirs)
+    slice_seconds = time.perf_counter() - start
+    start = time.perf_counter()
+    top = LF.hessian_eigenvalues(model, cross_entropy, probe, k=1, generator=torch.Generator().manual_seed(1))
+    bottom = LF.hessian_eigenvalues(
+        model, negated_cross_entropy, probe, k=1, max_hvps=60, generator=torch.Generator().manual_seed(2)
+    )
+    hessian_seconds = time.perf_counter() - start
+
+    train_loss, train_acc = evaluate(model, x_train, y_train)
+    val_loss, val_acc = evaluate(model, x_val, y_val)
+    finite = surface.losses[surface.losses.isfinite()]
+    nonconvex, minima = slice_shape(surface)
+    return surface, {
+        "train loss": train_loss,
+        "train accuracy": train_acc,
+        "val loss": val_loss,
+        "val accuracy": val_acc,
+        "gap (val - train loss)": val_loss - train_loss,
+        "top eigenvalue": float(top.eigenvalues[0]),
+        "most negative eigenvalue": -float(bottom.eigenvalues[0]),
+        "|λ_min / λ_max|": abs(float(bottom.eigenvalues[0]) / float(top.eigenvalues[0])),
+        "eigen HVPs (top + bottom)": float(top.num_hvps + bottom.num_hvps),
+        "probe loss at centre": surface.center_loss,
+        "rise_at_edge": surface.rise_at_edge(),
+        "max loss on grid": float(finite.max()) if finite.numel() else math.nan,
+        "grid fraction below ln 10": float((surface.losses < math.log(10)).double().mean()),
+        "non-convex fraction of slice": nonconvex,
+        "local minima in slice": float(minima),
+        "nonfinite fraction": surface.nonfinite_fraction,
+        "seconds: training": train_seconds,
+        "seconds: 2D slice": slice_seconds,
+        "seconds: eigenvalues": hessian_seconds,
+    }
+
+
 def main(argv: list[str] | None = None) -> dict[str, float]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--blocks", type=int, default=8, help="residual blocks (2 conv layers each)")
@@ -205,95 +269,51 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--distance", type=float, default=1.0, help="half-width of the slice")
     parser.add_argument("--probe", type=int, default=256, help="training images in the probe set")
     parser.add_argument("--out", default="docs", help="folder for skip_connections.png")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", type=int, default=3, help="initializations and batch orders (seed 0 is drawn)")
     parser.add_argument("--fast", action="store_true", help="small and short: a smoke test")
     args = parser.parse_args(argv)
     if args.fast:
-        args.blocks, args.epochs, args.steps, args.probe = min(args.blocks, 4), 2, 7, 64
+        args.blocks, args.epochs, args.steps, args.probe, args.seeds = min(args.blocks, 4), 2, 7, 64, 1
     n_train = 512 if args.fast else 1400
 
-    train, val = digits_loaders(n_train, batch_size=64, seed=args.seed)
-    x_train, y_train = train.dataset.tensors
-    x_val, y_val = val.dataset.tensors
-    probe = [(x_train[: args.probe], y_train[: args.probe])]  # fixed: the same images for both networks
+    train, val = digits_loaders(n_train, batch_size=64, seed=0)  # the same split for every seed
+    data = {"x_train": train.dataset.tensors[0], "y_train": train.dataset.tensors[1],
+            "x_val": val.dataset.tensors[0], "y_val": val.dataset.tensors[1]}  # fmt: skip
 
-    cases = {"with skips": True, "without skips": False}
+    columns = ["with skips", "without skips"]
+    per_seed: dict[str, list[dict[str, float]]] = {c: [] for c in columns}
     surfaces: dict[str, LF.SurfaceResult] = {}
-    table: dict[str, dict[str, float]] = {}
-    for name, skip in cases.items():
-        pl.seed_everything(args.seed, verbose=False)  # same initial weights and batch order for both
-        model = DigitsResNet(blocks=args.blocks, width=args.width, skip=skip, epochs=args.epochs)
-        trainer = pl.Trainer(
-            max_epochs=args.epochs,
-            accelerator="cpu",
-            devices=1,
-            logger=False,
-            enable_checkpointing=False,
-            enable_model_summary=False,
-            enable_progress_bar=False,
-            limit_val_batches=0,
-        )
-        start = time.perf_counter()
-        trainer.fit(model, train)
-        train_seconds = time.perf_counter() - start
-
-        start = time.perf_counter()
-        gen = torch.Generator().manual_seed(args.seed)  # same raw directions for both networks
-        dirs = LF.random_directions(model, gen, count=2)
-        surface = LF.loss_surface(model, cross_entropy, probe, steps=args.steps, distance=args.distance,
-                                  directions=dirs)  # fmt: skip
-        slice_seconds = time.perf_counter() - start
-        start = time.perf_counter()
-        top = LF.hessian_eigenvalues(model, cross_entropy, probe, k=1, generator=torch.Generator().manual_seed(1))
-        bottom = LF.hessian_eigenvalues(
-            model, negated_cross_entropy, probe, k=1, max_hvps=60, generator=torch.Generator().manual_seed(2)
-        )
-        hessian_seconds = time.perf_counter() - start
-
-        train_loss, train_acc = evaluate(model, x_train, y_train)
-        val_loss, val_acc = evaluate(model, x_val, y_val)
-        surfaces[name] = surface
-        finite = surface.losses[surface.losses.isfinite()]
-        shape = slice_shape(surface)
-        table[name] = {
-            "train loss": train_loss,
-            "train accuracy": train_acc,
-            "val loss": val_loss,
-            "val accuracy": val_acc,
-            "gap (val - train loss)": val_loss - train_loss,
-            "top eigenvalue": float(top.eigenvalues[0]),
-            "most negative eigenvalue": -float(bottom.eigenvalues[0]),
-            "|λ_min / λ_max|": abs(float(bottom.eigenvalues[0]) / float(top.eigenvalues[0])),
-            "eigen HVPs (top + bottom)": float(top.num_hvps + bottom.num_hvps),
-            "probe loss at centre": surface.center_loss,
-            "rise_at_edge": surface.rise_at_edge(),
-            "max loss on grid": float(finite.max()) if finite.numel() else math.nan,
-            "grid fraction below ln 10": float((surface.losses < math.log(10)).double().mean()),
-            "non-convex fraction of slice": shape[0],
-            "local minima in slice": float(shape[1]),
-            "nonfinite fraction": surface.nonfinite_fraction,
-            "seconds: training": train_seconds,
-            "seconds: 2D slice": slice_seconds,
-            "seconds: eigenvalues": hessian_seconds,
-        }
+    for seed in range(args.seeds):
+        for name, skip in zip(columns, (True, False), strict=True):
+            surface, metrics = run_case(skip, seed, args, data)
+            per_seed[name].append(metrics)
+            if seed == 0:
+                surfaces[name] = surface
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    fig = side_by_side_figure(surfaces, {n: table[n]["top eigenvalue"] for n in cases})
+    fig = side_by_side_figure(surfaces, {c: per_seed[c][0]["top eigenvalue"] for c in columns})
     path = out / "skip_connections.png"
     FigureCanvasAgg(fig).print_png(str(path))
 
-    columns = list(cases)
-    rows = [(key, [table[c][key] for c in columns]) for key in table[columns[0]]]
-    conv = 2 * args.blocks + 1
-    print_table(
-        f"Skip connections ({conv} conv layers, width {args.width}, {args.epochs} epochs, {n_train} training "
-        f"images; slice {args.steps}x{args.steps} on {args.probe} of them, distance {args.distance})",
-        rows,
-        columns,
+    keys = list(per_seed[columns[0]][0])
+    setup = (
+        f"{2 * args.blocks + 1} conv layers, width {args.width}, {args.epochs} epochs, {n_train} training images; "
+        f"slice {args.steps}x{args.steps} on {args.probe} of them, distance {args.distance}"
     )
-    print(f"\nFigure: {path}")
-    return {f"{c}/{k}": v for c in columns for k, v in table[c].items()}
+    for seed in range(args.seeds):
+        print_table(f"Seed {seed} ({setup})", [(k, [per_seed[c][seed][k] for c in columns]) for k in keys], columns)
+    means = {c: {k: float(np.mean([m[k] for m in per_seed[c]])) for k in keys} for c in columns}
+    if args.seeds > 1:
+        print_table(f"Mean over {args.seeds} seeds", [(k, [means[c][k] for c in columns]) for k in keys], columns)
+        counts = [
+            (k, [float(sum(per_seed[columns[1]][i][k] > per_seed[columns[0]][i][k] for i in range(args.seeds)))])
+            for k in keys
+            if not k.startswith("seconds")
+        ]
+        print_table(f"Seeds (of {args.seeds}) where the value without skips is higher", counts, [columns[1]])
+    print(f"\nFigure (seed 0): {path}")
+    return {f"{c}/{k}": v for c in columns for k, v in means[c].items()}
 
 
 if __name__ == "__main__":

@@ -35,7 +35,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytorch_lightning as pl
 import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -45,6 +44,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _report import report_seeds
 from quickstart import digits_loaders
 
 from lightning_landscape import functional as LF
@@ -88,14 +88,6 @@ def evaluate(model: nn.Module, x: Tensor, y: Tensor) -> tuple[float, float]:
     """Mean cross-entropy and accuracy over ``(x, y)``."""
     logits = model(x)
     return float(nn.functional.cross_entropy(logits, y)), float((logits.argmax(1) == y).double().mean())
-
-
-def print_table(title: str, rows: list[tuple[str, list[float]]], columns: list[str]) -> None:
-    """A plain-text table: one row per quantity, one column per case."""
-    print(f"\n{title}")
-    print(f"{'':<34}" + "".join(f"{c:>16}" for c in columns))
-    for name, values in rows:
-        print(f"{name:<34}" + "".join(f"{v:>16.5g}" for v in values))
 
 
 def train_one(batch_size: int, seed: int, args: argparse.Namespace, data: dict) -> tuple[DigitsMLP, dict]:
@@ -216,19 +208,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             if seed == 0:
                 first[name] = model
 
-    keys = list(per_seed[columns[0]][0])
     setup = f"MLP 64-{args.hidden}-{args.hidden}-10, Adam lr {args.lr:g}, stop at train loss {args.target:g}"
-    for seed in range(args.seeds):
-        print_table(f"Seed {seed} ({setup})", [(k, [per_seed[c][seed][k] for c in columns]) for k in keys], columns)
-    means = {c: {k: float(np.mean([m[k] for m in per_seed[c]])) for k in keys} for c in columns}
-    if args.seeds > 1:
-        print_table(f"Mean over {args.seeds} seeds", [(k, [means[c][k] for c in columns]) for k in keys], columns)
-        counts = [
-            (k, [float(sum(per_seed[columns[1]][i][k] > per_seed[columns[0]][i][k] for i in range(args.seeds)))])
-            for k in keys
-            if not k.startswith("seconds")
-        ]
-        print_table(f"Seeds (of {args.seeds}) where the large batch's value is higher", counts, [columns[1]])
+    means = report_seeds(
+        per_seed, columns, setup, [columns[1]], "the large batch's value is higher", lambda v, ref: v > ref
+    )
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

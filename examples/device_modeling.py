@@ -49,9 +49,9 @@ import math
 import time
 from pathlib import Path
 
-import numpy as np
 import pytorch_lightning as pl
 import torch
+from _report import report_seeds
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from torch import Tensor, nn
@@ -152,15 +152,6 @@ def mse(model: nn.Module, batch: tuple[Tensor, Tensor]) -> Tensor:
     """The loss protocol of ``lightning_landscape.functional``: ``loss_fn(model, batch) -> scalar``."""
     x, y = batch
     return nn.functional.mse_loss(model(x), y)
-
-
-def print_table(title: str, rows: list[tuple[str, list[float]]], columns: list[str]) -> None:
-    """A plain-text table: one row per quantity, one column per case."""
-    width = max(14, *(len(c) + 2 for c in columns))
-    print(f"\n{title}")
-    print(f"{'':<34}" + "".join(f"{c:>{width}}" for c in columns))
-    for name, values in rows:
-        print(f"{name:<34}" + "".join(f"{v:>{width}.4g}" for v in values))
 
 
 def curves_figure(data: dict[str, Tensor], models: dict[str, nn.Module]) -> Figure:
@@ -273,30 +264,14 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                 last_models[name] = model
 
     columns = list(cases)
-    keys = list(per_seed[columns[0]][0])
     steps = args.epochs * math.ceil(args.n_train * args.repeats / args.batch_size)
     setup = (
         f"{args.n_train} training bias points, {args.grid}x{args.grid} test grid, MLP 2-{args.hidden}-"
         f"{args.hidden}-1, {steps} Adam steps of batch {args.batch_size}"
     )
-    for seed in range(args.seeds):
-        rows = [(k, [per_seed[c][seed][k] for c in columns]) for k in keys]
-        print_table(f"Seed {seed} ({setup})", rows, columns)
-    means = {c: {k: float(np.mean([m[k] for m in per_seed[c]])) for k in keys} for c in columns}
-    if args.seeds > 1:
-        print_table(f"Mean over {args.seeds} seeds", [(k, [means[c][k] for c in columns]) for k in keys], columns)
-        counts = [
-            (
-                k,
-                [
-                    float(sum(per_seed[c][i][k] < per_seed[columns[0]][i][k] for i in range(args.seeds)))
-                    for c in columns[1:]
-                ],
-            )
-            for k in keys
-            if not k.startswith("seconds")
-        ]
-        print_table(f"Seeds (of {args.seeds}) where SAM's value is lower than plain's", counts, columns[1:])
+    means = report_seeds(
+        per_seed, columns, setup, columns[1:], "SAM's value is lower than plain's", lambda v, ref: v < ref
+    )
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

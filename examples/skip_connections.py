@@ -50,6 +50,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _report import report_seeds
 from quickstart import digits_loaders
 
 from lightning_landscape import functional as LF
@@ -152,14 +153,6 @@ def evaluate(model: nn.Module, x: Tensor, y: Tensor) -> tuple[float, float]:
     logits = model(x)
     model.train(was_training)
     return float(nn.functional.cross_entropy(logits, y)), float((logits.argmax(1) == y).double().mean())
-
-
-def print_table(title: str, rows: list[tuple[str, list[float]]], columns: list[str]) -> None:
-    """A plain-text table: one row per quantity, one column per case."""
-    print(f"\n{title}")
-    print(f"{'':<30}" + "".join(f"{c:>16}" for c in columns))
-    for name, values in rows:
-        print(f"{name:<30}" + "".join(f"{v:>16.5g}" for v in values))
 
 
 def side_by_side_figure(results: dict[str, LF.SurfaceResult], eigen: dict[str, float]) -> Figure:
@@ -296,22 +289,13 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     path = out / "skip_connections.png"
     FigureCanvasAgg(fig).print_png(str(path))
 
-    keys = list(per_seed[columns[0]][0])
     setup = (
         f"{2 * args.blocks + 1} conv layers, width {args.width}, {args.epochs} epochs, {n_train} training images; "
         f"slice {args.steps}x{args.steps} on {args.probe} of them, distance {args.distance}"
     )
-    for seed in range(args.seeds):
-        print_table(f"Seed {seed} ({setup})", [(k, [per_seed[c][seed][k] for c in columns]) for k in keys], columns)
-    means = {c: {k: float(np.mean([m[k] for m in per_seed[c]])) for k in keys} for c in columns}
-    if args.seeds > 1:
-        print_table(f"Mean over {args.seeds} seeds", [(k, [means[c][k] for c in columns]) for k in keys], columns)
-        counts = [
-            (k, [float(sum(per_seed[columns[1]][i][k] > per_seed[columns[0]][i][k] for i in range(args.seeds)))])
-            for k in keys
-            if not k.startswith("seconds")
-        ]
-        print_table(f"Seeds (of {args.seeds}) where the value without skips is higher", counts, [columns[1]])
+    means = report_seeds(
+        per_seed, columns, setup, [columns[1]], "the value without skips is higher", lambda v, ref: v > ref
+    )
     print(f"\nFigure (seed 0): {path}")
     return {f"{c}/{k}": v for c in columns for k, v in means[c].items()}
 

@@ -8,6 +8,17 @@ from torch import Tensor, nn
 CRITERION = nn.CrossEntropyLoss()
 
 
+def load_digits(device: torch.device, seed: int) -> tuple[Tensor, Tensor]:
+    """scikit-learn's digits as flat pixels in [0, 1], shuffled with ``seed``, on ``device``."""
+    from sklearn.datasets import load_digits as sk_load_digits
+
+    data = sk_load_digits()
+    x = torch.tensor(data.data, dtype=torch.float32) / 16.0
+    y = torch.tensor(data.target, dtype=torch.long)
+    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
+    return x[perm].to(device), y[perm].to(device)
+
+
 def loss_fn(model: nn.Module, batch: tuple[Tensor, Tensor]) -> Tensor:
     """Cross-entropy of ``model`` on ``(x, y)``: the ``loss_fn(model, batch)`` protocol."""
     x, y = batch

@@ -40,7 +40,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from _bench_models import CRITERION, loss_fn, resnet_digits
+from _bench_models import CRITERION, load_digits, loss_fn, resnet_digits
 from torch import Tensor, nn
 
 from lightning_landscape import functional as LF
@@ -76,16 +76,6 @@ def parse_args() -> argparse.Namespace:
     if args.quick:
         args.trace_seeds, args.repeats, args.hvp_repeats = 3, 1, 5
     return args
-
-
-def load_digits(device: torch.device, seed: int) -> tuple[Tensor, Tensor]:
-    from sklearn.datasets import load_digits as sk_load_digits
-
-    data = sk_load_digits()
-    x = torch.tensor(data.data, dtype=torch.float32) / 16.0
-    y = torch.tensor(data.target, dtype=torch.long)
-    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
-    return x[perm].to(device), y[perm].to(device)
 
 
 def make_model(name: str) -> nn.Module:

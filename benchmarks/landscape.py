@@ -38,7 +38,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from _bench_models import CRITERION, loss_fn, resnet_digits
+from _bench_models import CRITERION, load_digits, loss_fn, resnet_digits
 from torch import Tensor, nn
 
 from lightning_landscape.functional import LossOperator
@@ -85,16 +85,6 @@ def make_model(name: str, width: int) -> nn.Module:
             nn.Linear(8 * width, 10),
         )
     return resnet_digits(width)  # a ResNet-8-like stem + 3 basic blocks with BatchNorm
-
-
-def load_digits(device: torch.device, seed: int) -> tuple[Tensor, Tensor]:
-    from sklearn.datasets import load_digits as sk_load_digits
-
-    data = sk_load_digits()
-    x = torch.tensor(data.data, dtype=torch.float32) / 16.0
-    y = torch.tensor(data.target, dtype=torch.long)
-    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
-    return x[perm].to(device), y[perm].to(device)
 
 
 def train(model: nn.Module, x: Tensor, y: Tensor, steps: int) -> None:

@@ -21,7 +21,7 @@ from torch import Tensor
 from lightning_landscape.callbacks._logging import MeasurementLogger
 from lightning_landscape.callbacks._probe import take_batches
 from lightning_landscape.functional import HVP_METHODS, LossOperator, MeasurementError
-from lightning_landscape.functional._batches import apply_to_tensors
+from lightning_landscape.functional._batches import apply_to_tensors, clone_if_inference
 
 LossFn = Callable[[torch.nn.Module, Any], Tensor]
 _UNSUPPORTED_STRATEGIES = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy", "XLAStrategy")
@@ -61,10 +61,6 @@ def training_step_loss(module: pl.LightningModule, batch: Any) -> Tensor:
     if not isinstance(out, Tensor):
         raise MeasurementError("`training_step` returned no loss tensor; pass `loss_fn=` to the callback.")
     return out
-
-
-def _clone_inference(t: Tensor) -> Tensor:
-    return t.clone() if t.is_inference() else t
 
 
 class MeasurementCallback(Callback):
@@ -198,7 +194,7 @@ class MeasurementCallback(Callback):
     def _to_device(trainer: pl.Trainer, batches: Sequence[Any]) -> list[Any]:
         with torch.inference_mode(False):
             moved = [trainer.strategy.batch_to_device(b) for b in batches]
-            return [apply_to_tensors(b, _clone_inference) for b in moved]
+            return [apply_to_tensors(b, clone_if_inference) for b in moved]
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._probe is None:

@@ -7,7 +7,7 @@ from typing import Any
 
 from torch import Tensor
 
-__all__ = ["apply_to_tensors", "batch_size", "split_batch"]
+__all__ = ["apply_to_tensors", "batch_size", "clone_if_inference", "split_batch"]
 
 
 def apply_to_tensors(batch: Any, fn: Callable[[Tensor], Tensor]) -> Any:
@@ -27,6 +27,21 @@ def apply_to_tensors(batch: Any, fn: Callable[[Tensor], Tensor]) -> Any:
     if isinstance(batch, (list, tuple)):
         return type(batch)(apply_to_tensors(v, fn) for v in batch)
     return batch
+
+
+def clone_if_inference(t: Tensor) -> Tensor:
+    """A normal copy of an inference-mode tensor (autograd cannot save those); other tensors as they are.
+
+    Call it outside ``torch.inference_mode``: a clone made inside is an inference tensor again.
+
+    Example:
+        >>> import torch
+        >>> with torch.inference_mode():
+        ...     t = torch.ones(2)
+        >>> clone_if_inference(t).is_inference()
+        False
+    """
+    return t.clone() if t.is_inference() else t
 
 
 def batch_size(batch: Any) -> int:

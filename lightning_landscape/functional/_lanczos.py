@@ -30,7 +30,6 @@ class LanczosRun:
     lengths: list[int]
     basis: Tensor | None
     num_matvecs: int
-    last_beta: Tensor
 
     def tridiagonal(self, i: int = 0) -> Tensor:
         m = self.lengths[i]
@@ -57,7 +56,6 @@ def lanczos(
     max_steps: int,
     *,
     reorthogonalize: bool = True,
-    keep_basis: bool = False,
     stop: StopRule | None = None,
     generator: torch.Generator | None = None,
     breakdown_tol: float = 1e-10,
@@ -72,7 +70,7 @@ def lanczos(
     p, n = start.shape
     max_steps = min(max_steps, n)
     dtype, device = start.dtype, start.device
-    keep = keep_basis or reorthogonalize
+    keep = reorthogonalize  # the stored basis serves reorthogonalization and the eigenvectors
     basis = torch.zeros(p, max_steps, n, dtype=dtype, device=device) if keep else None
     alpha = torch.zeros(p, max_steps, dtype=torch.float64)
     beta = torch.zeros(p, max_steps, dtype=torch.float64)
@@ -117,6 +115,4 @@ def lanczos(
             broke.to(device).unsqueeze(1), torch.zeros_like(b), 1.0 / b.clamp_min(torch.finfo(dtype).tiny)
         )
         q_prev, q, b_prev = q, w * inv, b
-    return LanczosRun(
-        alpha=alpha, beta=beta, lengths=lengths, basis=basis, num_matvecs=steps, last_beta=beta[:, steps - 1]
-    )
+    return LanczosRun(alpha=alpha, beta=beta, lengths=lengths, basis=basis, num_matvecs=steps)

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from lightning_landscape.functional._batches import apply_to_tensors, batch_size
+from lightning_landscape.functional._batches import apply_to_tensors, batch_size, clone_if_inference
 from lightning_landscape.functional._params import ParamSpec
 
 __all__ = ["HVP_METHODS", "LossFn", "LossOperator", "MeasurementError", "hvp"]
@@ -71,10 +71,6 @@ def _math_attention() -> contextlib.AbstractContextManager:
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     return sdpa_kernel(SDPBackend.MATH)
-
-
-def _inference_safe(t: Tensor) -> Tensor:
-    return t.clone() if t.is_inference() else t
 
 
 class LossOperator:
@@ -142,7 +138,7 @@ class LossOperator:
         self.model = model
         self.spec = ParamSpec(model, params)
         with torch.inference_mode(False):  # clones made under inference mode would be inference tensors
-            self.batches = [apply_to_tensors(b, _inference_safe) for b in batches]
+            self.batches = [apply_to_tensors(b, clone_if_inference) for b in batches]
         self.reduce_fn = reduce_fn
         self.eval_mode = eval_mode
         self.chunk_size = chunk_size

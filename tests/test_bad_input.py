@@ -21,6 +21,7 @@ COMMON = [
     ("eval_mode", ["yes", 1, None]),
     ("strict", ["no", 0, None]),
     ("seed", [1.5, "0", None, True]),
+    ("max_overhead", [0, -0.05, 1.5, float("nan"), "5%", True]),
 ]
 SPECIFIC = {
     HessianCallback: [
@@ -60,18 +61,32 @@ CASES = [
 
 @pytest.mark.parametrize(("cls", "arg", "value"), CASES)
 def test_callback_argument(cls, arg, value):
-    kwargs = {} if arg in ("every_n_epochs", "every_n_train_steps") else dict(SCHEDULE)
+    kwargs = {} if arg in ("every_n_epochs", "every_n_train_steps", "max_overhead") else dict(SCHEDULE)
     kwargs[arg] = value
     with pytest.raises((ValueError, TypeError), match=f"`{arg}`"):
         cls(**kwargs)
 
 
 @pytest.mark.parametrize("cls", list(SPECIFIC))
-@pytest.mark.parametrize("schedule", [{}, {"every_n_epochs": 1, "every_n_train_steps": 5}])
-def test_exactly_one_schedule(cls, schedule):
+@pytest.mark.parametrize(
+    "schedule",
+    [
+        {"every_n_epochs": 1, "every_n_train_steps": 5},
+        {"every_n_epochs": 1, "max_overhead": 0.1},
+        {"every_n_train_steps": 5, "max_overhead": 0.1},
+    ],
+)
+def test_at_most_one_schedule(cls, schedule):
     with pytest.raises(ValueError, match="every_n_train_steps") as err:
         cls(**schedule)
     assert "every_n_epochs" in str(err.value)
+    assert ("max_overhead" in schedule) == ("max_overhead" in str(err.value))
+
+
+@pytest.mark.parametrize("cls", list(SPECIFIC))
+def test_no_schedule_is_the_wall_time_budget(cls):
+    assert cls().budgeted and cls(max_overhead=0.2).max_overhead == 0.2
+    assert not cls(every_n_epochs=1).budgeted
 
 
 def test_sharpness_needs_something_to_measure():

@@ -84,7 +84,7 @@ def test_uses_training_step_without_logging(tmp_path):
     ("kwargs", "name"),
     [
         (dict(every_n_train_steps=1, every_n_epochs=1), "every_n_train_steps"),
-        (dict(), "every_n_train_steps"),
+        (dict(every_n_epochs=1, max_overhead=0.1), "max_overhead"),
         (dict(every_n_epochs=0), "every_n_epochs"),
         (dict(every_n_train_steps=-2), "every_n_train_steps"),
         (dict(every_n_epochs=1, top_k=0), "top_k"),

@@ -155,7 +155,7 @@ def test_bad_arguments_name_the_argument():
     with pytest.raises(TypeError, match="`include_1d`"):
         LossLandscapeCallback(every_n_epochs=1, include_1d="yes")
     with pytest.raises(ValueError, match="every_n_train_steps"):
-        LossLandscapeCallback()
+        LossLandscapeCallback(every_n_epochs=1, every_n_train_steps=5)
     with pytest.raises(TypeError, match="`loss_fn`"):
         LossLandscapeCallback(every_n_epochs=1, loss_fn=3)
 

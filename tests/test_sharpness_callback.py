@@ -146,7 +146,7 @@ def test_spec_parsing(spec, parsed):
     ("kwargs", "name"),
     [
         (dict(every_n_train_steps=1, every_n_epochs=1), "every_n_train_steps"),
-        (dict(), "every_n_train_steps"),
+        (dict(every_n_epochs=1, max_overhead=0.1), "max_overhead"),
         (dict(every_n_epochs=1, rho=0), "rho"),
         (dict(every_n_epochs=1, rho=-1.0), "rho"),
         (dict(every_n_epochs=1, kinds=["sharpest_l2"]), "kinds"),

@@ -18,12 +18,15 @@ from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.utilities import rank_zero_info
 from torch import Tensor
 
+from lightning_landscape.callbacks._budget import DEFAULT_MAX_OVERHEAD, OverheadBudget
 from lightning_landscape.callbacks._logging import MeasurementLogger
 from lightning_landscape.callbacks._probe import take_batches
 from lightning_landscape.functional import HVP_METHODS, LossOperator, MeasurementError
 from lightning_landscape.functional._batches import apply_to_tensors, clone_if_inference
 
 LossFn = Callable[[torch.nn.Module, Any], Tensor]
+#: Rough seconds to draw and log one figure, for the cost estimate before a callback's first measurement.
+FIGURE_SECONDS = 0.2
 _UNSUPPORTED_STRATEGIES = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy", "XLAStrategy")
 
 
@@ -68,7 +71,11 @@ class MeasurementCallback(Callback):
 
     Args:
         every_n_train_steps: measure after every ``n`` optimizer steps.
-        every_n_epochs: measure at the end of every ``n``-th training epoch (give exactly one schedule).
+        every_n_epochs: measure at the end of every ``n``-th training epoch (give at most one schedule).
+        max_overhead: with neither schedule, measure as often as keeps this callback's time (measuring,
+            drawing, logging) at most this share of the fit's other wall time. ``None`` (default): the
+            callbacks on one trainer that have neither schedule nor ``max_overhead`` share
+            ``DEFAULT_MAX_OVERHEAD`` (5%) equally.
         num_batches: probe batches taken once from the train loader and re-used at every measurement.
         loss_fn: ``loss_fn(module, batch) -> scalar``; default the module's ``training_step``.
         hvp_method: Hessian-vector product method (see ``functional.HVP_METHODS``).
@@ -84,6 +91,7 @@ class MeasurementCallback(Callback):
         *,
         every_n_train_steps: int | None = None,
         every_n_epochs: int | None = None,
+        max_overhead: float | None = None,
         num_batches: int = 1,
         loss_fn: LossFn | None = None,
         hvp_method: str = "auto",
@@ -93,11 +101,24 @@ class MeasurementCallback(Callback):
     ) -> None:
         check_positive_int("every_n_train_steps", every_n_train_steps, allow_none=True)
         check_positive_int("every_n_epochs", every_n_epochs, allow_none=True)
-        if (every_n_train_steps is None) == (every_n_epochs is None):
+        if every_n_train_steps is not None and every_n_epochs is not None:
             raise ValueError(
-                "Give exactly one schedule: `every_n_train_steps` or `every_n_epochs` "
-                f"(got every_n_train_steps={every_n_train_steps}, every_n_epochs={every_n_epochs})."
+                "Give at most one schedule: `every_n_train_steps` or `every_n_epochs`, or neither to measure "
+                f"within a share of the wall time (got every_n_train_steps={every_n_train_steps}, "
+                f"every_n_epochs={every_n_epochs})."
             )
+        if max_overhead is not None:
+            if every_n_train_steps is not None or every_n_epochs is not None:
+                raise ValueError(
+                    "`max_overhead` budgets the default schedule; it cannot be combined with "
+                    "`every_n_train_steps` or `every_n_epochs` (give one of the three)."
+                )
+            if (
+                isinstance(max_overhead, bool)
+                or not isinstance(max_overhead, (int, float))
+                or not 0 < max_overhead <= 1
+            ):
+                raise ValueError(f"`max_overhead` must be a number in (0, 1] or None, got {max_overhead!r}.")
         check_positive_int("num_batches", num_batches)
         if loss_fn is not None and not callable(loss_fn):
             raise TypeError(f"`loss_fn` must be callable as loss_fn(module, batch) or None, got {loss_fn!r}.")
@@ -109,6 +130,7 @@ class MeasurementCallback(Callback):
             raise ValueError(f"`seed` must be an integer, got {seed!r}.")
         self.every_n_train_steps = every_n_train_steps
         self.every_n_epochs = every_n_epochs
+        self.max_overhead = None if max_overhead is None else float(max_overhead)
         self.num_batches = num_batches
         self.loss_fn = loss_fn
         self.hvp_method = hvp_method
@@ -124,14 +146,35 @@ class MeasurementCallback(Callback):
         self._last_epoch = -1
         self._logger = MeasurementLogger(type(self).__name__)
         self._resolved_method: str | None = None
+        self._budget: OverheadBudget | None = None
+        self._restored_cost: float | None = None
+        self._siblings: list[MeasurementCallback] = []
+        self._spent_seconds = 0.0  # in this fit: measuring, drawing, logging (read by budgeted siblings)
+        self._cost_estimate: float | None = None
+
+    @property
+    def budgeted(self) -> bool:
+        """Whether this callback has the default schedule (no ``every_n_*``: a share of the wall time)."""
+        return self.every_n_train_steps is None and self.every_n_epochs is None
 
     # ------------------------------------------------------------------ identity and state
     #: attributes that tell two instances of one callback class apart in a checkpoint
-    state_key_fields: tuple[str, ...] = ("every_n_train_steps", "every_n_epochs", "seed")
+    state_key_fields: tuple[str, ...] = ("every_n_train_steps", "every_n_epochs", "max_overhead", "seed")
 
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(**{name: getattr(self, name) for name in self.state_key_fields})
+        # Lightning reads this at every hook call (to label its profiler's sections), about 20 times a
+        # training step: build the string once, again only after one of its fields is set.
+        key = self.__dict__.get("_state_key")
+        if key is None:
+            key = self._generate_state_key(**{name: getattr(self, name) for name in self.state_key_fields})
+            self.__dict__["_state_key"] = key
+        return key
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in self.state_key_fields:
+            self.__dict__.pop("_state_key", None)
+        super().__setattr__(name, value)
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -139,6 +182,7 @@ class MeasurementCallback(Callback):
             "last_epoch": self._last_epoch,
             "generator": self.generator.get_state(),
             "hvp_method": self._resolved_method,
+            "last_cost": None if self._budget is None else self._budget.last_cost,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -146,6 +190,9 @@ class MeasurementCallback(Callback):
         self._last_epoch = state_dict["last_epoch"]
         self.generator.set_state(state_dict["generator"])
         self._resolved_method = state_dict.get("hvp_method")
+        self._restored_cost = state_dict.get("last_cost")
+        if self._budget is not None and self._restored_cost is not None:  # Lightning restores after `setup`
+            self._budget.last_cost = self._restored_cost
 
     # ------------------------------------------------------------------ environment
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -162,6 +209,13 @@ class MeasurementCallback(Callback):
                 f"{type(self).__name__}: the module uses manual optimization, so its `training_step` steps the "
                 "optimizers and cannot serve as the loss; pass `loss_fn=`."
             )
+        self._siblings = [cb for cb in trainer.callbacks if isinstance(cb, MeasurementCallback)]
+        if self.budgeted:
+            share = self.max_overhead
+            if share is None:
+                sharing = [cb for cb in self._siblings if cb.budgeted and cb.max_overhead is None]
+                share = DEFAULT_MAX_OVERHEAD / max(len(sharing), 1)
+            self._budget = OverheadBudget(share=share, last_cost=self._restored_cost)
 
     def _take_probe(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> list[Any]:
         loader = _first_loader(trainer.train_dataloader)
@@ -199,13 +253,19 @@ class MeasurementCallback(Callback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._probe is None:
             self._probe = self._take_probe(trainer, pl_module)
+        self._spent_seconds = 0.0
+        if self._budget is not None:
+            self._budget.start(time.perf_counter(), trainer.global_step)
 
     # ------------------------------------------------------------------ schedule
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         step = trainer.global_step
-        if self.every_n_train_steps and step > 0 and step % self.every_n_train_steps == 0 and step != self._last_step:
+        if self._budget is not None:
+            if step > 0 and step != self._last_step and self._budget.due(step):
+                self._check_budget(trainer, pl_module, step)
+        elif self.every_n_train_steps and step > 0 and step % self.every_n_train_steps == 0 and step != self._last_step:
             self._last_step = step
             self._run(trainer, pl_module)
 
@@ -214,6 +274,58 @@ class MeasurementCallback(Callback):
         if self.every_n_epochs and epoch % self.every_n_epochs == 0 and epoch != self._last_epoch:
             self._last_epoch = epoch
             self._run(trainer, pl_module)
+
+    def _check_budget(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> None:
+        """A check of the default schedule: measure if the budget pays for it, then plan the next check.
+
+        Decisions and plans are rank zero's, broadcast, so that every rank measures at the same steps.
+        """
+        budget = self._budget
+        assert budget is not None
+        estimate = None
+        if budget.last_cost is None:
+            if self._cost_estimate is None:
+                self._cost_estimate = self._estimate_cost(trainer, pl_module)
+            estimate = self._cost_estimate
+        measure = budget.should_measure(time.perf_counter(), self._others_spent(), estimate)
+        if trainer.world_size > 1:
+            measure = trainer.strategy.broadcast(measure, src=0)
+        if measure:
+            self._last_step = step
+            self._run(trainer, pl_module)
+        next_check = budget.plan(time.perf_counter(), step, self._others_spent(), estimate)
+        if trainer.world_size > 1:
+            budget.next_check = trainer.strategy.broadcast(next_check, src=0)
+
+    def _others_spent(self) -> float:
+        return sum(cb._spent_seconds for cb in self._siblings if cb is not self)
+
+    def _estimate_cost(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> float:
+        """Seconds a measurement should take, before the first: one timed probe gradient times
+        :meth:`work_in_gradients`, plus :data:`FIGURE_SECONDS` per figure (rank zero draws them)."""
+        if self._probe is None:
+            self._probe = self._take_probe(trainer, pl_module)
+        _synchronize(pl_module)
+        start = time.perf_counter()
+        try:
+            with self.operator(trainer, pl_module, self._probe) as op:
+                op.gradient()
+        except Exception:  # the measurement itself will fail and say why; the time is still a cost
+            pass
+        _synchronize(pl_module)
+        seconds = time.perf_counter() - start
+        self._spent_seconds += seconds
+        if self._budget is not None:
+            self._budget.spent += seconds
+        return seconds * self.work_in_gradients() + FIGURE_SECONDS * self.figures_per_measurement()
+
+    def work_in_gradients(self) -> float:
+        """Rough cost of one measurement in probe-set gradients (a forward pass ≈ 1/3, an HVP ≈ 3)."""
+        return 10.0
+
+    def figures_per_measurement(self) -> int:
+        """How many figures a measurement draws."""
+        return 0
 
     # ------------------------------------------------------------------ measuring
     @property
@@ -265,7 +377,17 @@ class MeasurementCallback(Callback):
             return
         if self._probe is None:
             self._probe = self._take_probe(trainer, pl_module)
+        _synchronize(pl_module)  # queued training work is training time, not ours
         start = time.perf_counter()
+        try:
+            self._measure_and_log(trainer, pl_module, start)
+        finally:
+            end = time.perf_counter()
+            self._spent_seconds += end - start
+            if self._budget is not None:
+                self._budget.measured(end, self._others_spent(), end - start)
+
+    def _measure_and_log(self, trainer: pl.Trainer, pl_module: pl.LightningModule, start: float) -> None:
         error: BaseException | None = None
         try:
             scalars, figures = self.measure(trainer, pl_module)
@@ -285,12 +407,16 @@ class MeasurementCallback(Callback):
                 "Training goes on; later measurements still run. Pass strict=True to raise instead.",
             )
             return
-        if pl_module.device.type == "cuda":
-            torch.cuda.synchronize(pl_module.device)
+        _synchronize(pl_module)
         metrics = {(k if "/" in k else f"{self.prefix}/{k}"): float(v) for k, v in scalars.items()}
         metrics[f"{self.prefix}/seconds"] = time.perf_counter() - start
         self.last_metrics = metrics
         self._logger.log(trainer, metrics, figures)
+
+
+def _synchronize(pl_module: pl.LightningModule) -> None:
+    if pl_module.device.type == "cuda":
+        torch.cuda.synchronize(pl_module.device)
 
 
 def _first_loader(loaders: Any) -> Any:

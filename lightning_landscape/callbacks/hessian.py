@@ -26,7 +26,8 @@ class HessianCallback(MeasurementCallback):
     ``hessian/spectral_density``.
 
     Args:
-        every_n_train_steps: measure every ``n`` optimizer steps (or give ``every_n_epochs``).
+        every_n_train_steps: measure every ``n`` optimizer steps (or give ``every_n_epochs``, or neither:
+            see ``max_overhead``).
         every_n_epochs: measure at the end of every ``n``-th epoch.
         top_k: how many top eigenvalues.
         trace: also estimate the trace (Hutch++, ``trace_hvps`` products).
@@ -42,6 +43,8 @@ class HessianCallback(MeasurementCallback):
         eval_mode: measure in eval mode.
         seed: seed of the callback's generator.
         strict: raise instead of warning when a measurement fails.
+        max_overhead: with neither schedule (the default), the share of the fit's wall time this callback
+            may take; ``None`` shares 5% among the trainer's callbacks that use the default.
 
     Example:
         >>> cb = HessianCallback(every_n_train_steps=200, top_k=3, trace=True)
@@ -70,10 +73,12 @@ class HessianCallback(MeasurementCallback):
         eval_mode: bool = True,
         seed: int = 0,
         strict: bool = False,
+        max_overhead: float | None = None,
     ) -> None:
         super().__init__(
             every_n_train_steps=every_n_train_steps,
             every_n_epochs=every_n_epochs,
+            max_overhead=max_overhead,
             num_batches=num_batches,
             loss_fn=loss_fn,
             hvp_method=hvp_method,
@@ -103,6 +108,15 @@ class HessianCallback(MeasurementCallback):
         self.density_probes = density_probes
         self.density_steps = density_steps
         self.eigenvectors: torch.Tensor | None = None
+
+    def work_in_gradients(self) -> float:
+        hvps = min(self.max_hvps, 2 * self.top_k + 8)
+        hvps += self.trace_hvps if self.trace else 0
+        hvps += self.density_probes * self.density_steps if self.density else 0
+        return 3.0 * hvps
+
+    def figures_per_measurement(self) -> int:
+        return int(self.density)
 
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()

@@ -40,7 +40,8 @@ class LossLandscapeCallback(MeasurementCallback):
     seconds for a ResNet-sized model on a CPU and well under a second on a GPU.
 
     Args:
-        every_n_train_steps: measure every ``n`` optimizer steps (or give ``every_n_epochs``).
+        every_n_train_steps: measure every ``n`` optimizer steps (or give ``every_n_epochs``, or neither:
+            see ``max_overhead``).
         every_n_epochs: measure at the end of every ``n``-th epoch.
         steps: grid points per axis of the 2D slice, odd (>= 3) so that the middle point is the weights.
         distance: half-width of both slices, in units of the filter-normalized directions.
@@ -53,6 +54,8 @@ class LossLandscapeCallback(MeasurementCallback):
         eval_mode: measure in eval mode.
         seed: seed of the callback's generator (directions) and of the probe draw.
         strict: raise instead of warning when a measurement fails.
+        max_overhead: with neither schedule (the default), the share of the fit's wall time this callback
+            may take; ``None`` shares 5% among the trainer's callbacks that use the default.
 
     Example:
         >>> cb = LossLandscapeCallback(every_n_epochs=1)
@@ -77,10 +80,12 @@ class LossLandscapeCallback(MeasurementCallback):
         eval_mode: bool = True,
         seed: int = 0,
         strict: bool = False,
+        max_overhead: float | None = None,
     ) -> None:
         super().__init__(
             every_n_train_steps=every_n_train_steps,
             every_n_epochs=every_n_epochs,
+            max_overhead=max_overhead,
             num_batches=num_batches,
             loss_fn=loss_fn,
             eval_mode=eval_mode,
@@ -98,9 +103,6 @@ class LossLandscapeCallback(MeasurementCallback):
             or distance <= 0
         ):
             raise ValueError(f"`distance` must be a finite number > 0, got {distance!r}.")
-        for name, value in (("include_1d", include_1d), ("validation", validation)):
-            if not isinstance(value, bool):
-                raise TypeError(f"`{name}` must be True or False, got {value!r}.")
         self.steps = steps
         self.distance = float(distance)
         self.steps_1d = steps_1d
@@ -110,6 +112,13 @@ class LossLandscapeCallback(MeasurementCallback):
         self.validation = validation
         #: the raw (not normalized) directions ``[2, numel]`` on the CPU, drawn at the first frame.
         self.directions: Tensor | None = None
+
+    def work_in_gradients(self) -> float:
+        forwards = self.steps**2 + self.steps_1d * (2 if self.validation else 1)
+        return forwards / 3.0
+
+    def figures_per_measurement(self) -> int:
+        return 2
 
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()

@@ -86,7 +86,8 @@ class SharpnessCallback(MeasurementCallback):
     the train and validation losses.
 
     Args:
-        every_n_train_steps: measure every ``n`` optimizer steps (or give ``every_n_epochs``).
+        every_n_train_steps: measure every ``n`` optimizer steps (or give ``every_n_epochs``, or neither:
+            see ``max_overhead``).
         every_n_epochs: measure at the end of every ``n``-th epoch.
         rho: radius of the perturbation (for ``keskar``, its ε).
         kinds: the measures, as strings ``"<kind>_<norm>[_adaptive]"`` (kind ``worst_case``,
@@ -101,6 +102,8 @@ class SharpnessCallback(MeasurementCallback):
         eval_mode: measure in eval mode.
         seed: seed of the callback's generator and of the probe draw.
         strict: raise instead of warning when a measurement fails.
+        max_overhead: with neither schedule (the default), the share of the fit's wall time this callback
+            may take; ``None`` shares 5% among the trainer's callbacks that use the default.
 
     Example:
         >>> cb = SharpnessCallback(every_n_epochs=1, rho=0.1, kinds=["worst_case_l2", ("keskar", "linf")])
@@ -108,7 +111,7 @@ class SharpnessCallback(MeasurementCallback):
         ['worst_case_l2', 'keskar_linf']
     """
 
-    state_key_fields = (*MeasurementCallback.state_key_fields, "rho", "tags")
+    state_key_fields = (*MeasurementCallback.state_key_fields, "rho", "_tags")
     prefix = "sharpness"
 
     def __init__(
@@ -126,10 +129,12 @@ class SharpnessCallback(MeasurementCallback):
         eval_mode: bool = True,
         seed: int = 0,
         strict: bool = False,
+        max_overhead: float | None = None,
     ) -> None:
         super().__init__(
             every_n_train_steps=every_n_train_steps,
             every_n_epochs=every_n_epochs,
+            max_overhead=max_overhead,
             num_batches=num_batches,
             loss_fn=loss_fn,
             eval_mode=eval_mode,
@@ -154,16 +159,23 @@ class SharpnessCallback(MeasurementCallback):
             raise ValueError("`kinds` is empty and `generalization=False`: there is nothing to measure.")
         self.rho = float(rho)
         self.specs = specs
+        self._tags = tuple(_tag(*s) for s in specs)
         self.steps = steps
         self.samples = samples
         self.eta = float(eta)
         check_bool("generalization", generalization)
         self.generalization = generalization
 
+    def work_in_gradients(self) -> float:
+        work = 2.0 if self.generalization else 0.0  # train and validation losses
+        for kind, _, _ in self.specs:
+            work += 2 * self.samples / 3.0 if kind == "average_case" else self.steps + 1
+        return work
+
     @property
     def tags(self) -> list[str]:
         """The scalar names of the sharpness measures, ``<kind>_<norm>[_adaptive]``, in order."""
-        return [_tag(*s) for s in self.specs]
+        return list(self._tags)
 
     def measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> tuple[dict[str, float], dict[str, Figure]]:
         scalars: dict[str, float] = {}

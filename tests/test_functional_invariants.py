@@ -86,6 +86,22 @@ def test_sample_weighted_mean_over_batches():
     torch.testing.assert_close(whole, x.T @ x / 10)
 
 
+def test_float64_losses_keep_float64():
+    # a float64 model's loss must not be rounded to float32 (scientific models often run in float64)
+    torch.manual_seed(0)
+    model = nn.Linear(3, 1).double()
+    x = torch.randn(7, 3, dtype=torch.float64)
+
+    def loss_fn(m, b):
+        return 1e4 + m(b).pow(2).mean()  # float32 would round at ~1e-3 here
+
+    with LF.LossOperator(model, loss_fn, [x[:4], x[4:]]) as op:
+        loss, _ = op.gradient()
+        assert op.loss().dtype == torch.float64
+        assert abs(op.loss().item() - loss_fn(model, x).item()) < 1e-10
+        assert abs(loss.item() - loss_fn(model, x).item()) < 1e-10
+
+
 @pytest.mark.parametrize(
     ("call", "name"),
     [

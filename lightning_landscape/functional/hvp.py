@@ -266,7 +266,8 @@ class LossOperator:
             point = self._shifted(delta)
             with torch.no_grad():
                 return sum(
-                    w * self._batch_loss(point, b).float() for w, b in zip(self._weights(), self.batches, strict=False)
+                    w * _at_least_float32(self._batch_loss(point, b))
+                    for w, b in zip(self._weights(), self.batches, strict=False)
                 )
 
         return self._collective(compute, ())
@@ -475,3 +476,8 @@ def hvp(
     """
     with LossOperator(model, loss_fn, batches, params, hvp_method=hvp_method, eval_mode=eval_mode) as op:
         return op.hvp(vectors)
+
+
+def _at_least_float32(t: Tensor) -> Tensor:
+    """Half-precision losses summed in float32; float32 and float64 ones kept as they are."""
+    return t if t.dtype in (torch.float32, torch.float64) else t.float()

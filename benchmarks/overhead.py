@@ -1,12 +1,15 @@
 """What watching costs: the quickstart fit with the callbacks on, over the same fit with them off.
 
-    python benchmarks/overhead.py                       # schedule of the README example: every 200 steps
-    python benchmarks/overhead.py --every-n-train-steps 44   # about once per epoch of the quickstart
+    python benchmarks/overhead.py                          # default callbacks: no schedule, 5% budget
+    python benchmarks/overhead.py --schedule quickstart    # the quickstart's own: everything, every epoch
+    python benchmarks/overhead.py --schedule steps --every-n-train-steps 100
+    python benchmarks/overhead.py --schedule idle         # attached, (almost) never measuring: the hooks' cost
 
 Runs the quickstart's CNN on digits (examples/quickstart.py) for ``--epochs`` epochs, alternating fits
-without and with HessianCallback(top_k=3, trace=True), SharpnessCallback() and LossLandscapeCallback() at
-the given schedule, ``--repeats`` times each, and prints the median wall times, their ratio, and what
-the callbacks themselves report as their cost (``…/seconds``).
+without and with the three callbacks, ``--repeats`` times each, and prints the median wall times, their
+ratio, how many measurements each callback took and the share of the fit they report spending. With
+``--schedule default`` the callbacks are built with no arguments at all: HessianCallback(),
+SharpnessCallback(), LossLandscapeCallback(), which together keep to 5% of the fit's wall time.
 """
 
 from __future__ import annotations
@@ -25,55 +28,95 @@ import pytorch_lightning as pl
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
-from quickstart import DigitsCNN, digits_loaders
+from quickstart import DigitsCNN, default_callbacks, digits_loaders
 
 from lightning_landscape import HessianCallback, LossLandscapeCallback, SharpnessCallback
 
 
-def _callbacks(every: int) -> list[pl.Callback]:
-    return [
-        HessianCallback(every_n_train_steps=every, top_k=3, trace=True),
-        SharpnessCallback(every_n_train_steps=every),
-        LossLandscapeCallback(every_n_train_steps=every),
-    ]
+def _callbacks(schedule: str, every: int) -> list[pl.Callback]:
+    if schedule == "quickstart":
+        return default_callbacks()
+    if schedule == "idle":
+        return [cls(max_overhead=1e-9) for cls in (HessianCallback, SharpnessCallback, LossLandscapeCallback)]
+    if schedule == "steps":
+        return [
+            HessianCallback(every_n_train_steps=every),
+            SharpnessCallback(every_n_train_steps=every),
+            LossLandscapeCallback(every_n_train_steps=every),
+        ]
+    return [HessianCallback(), SharpnessCallback(), LossLandscapeCallback()]
 
 
-def _fit(epochs: int, callbacks: list[pl.Callback]) -> float:
+def _counting(cb: pl.Callback) -> list[int]:
+    steps: list[int] = []
+    measure = cb.measure
+
+    def counted(trainer: pl.Trainer, pl_module: pl.LightningModule):
+        steps.append(trainer.global_step)
+        return measure(trainer, pl_module)
+
+    cb.measure = counted
+    return steps
+
+
+def _fit(epochs: int, callbacks: list[pl.Callback], accelerator: str) -> tuple[float, float]:
+    """Wall seconds and this process's CPU seconds of one fit."""
     pl.seed_everything(0, verbose=False)
     train, val = digits_loaders(1400, batch_size=32, seed=0)
     trainer = pl.Trainer(
         max_epochs=epochs, logger=pl.loggers.TensorBoardLogger("/tmp/overhead_logs"), callbacks=callbacks,
-        enable_checkpointing=False, enable_model_summary=False, enable_progress_bar=False, accelerator="auto",
+        enable_checkpointing=False, enable_model_summary=False, enable_progress_bar=False, accelerator=accelerator,
         devices=1,
     )  # fmt: skip
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     trainer.fit(DigitsCNN(), train, val)
-    return time.perf_counter() - start
+    return time.perf_counter() - start, time.process_time() - cpu
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--epochs", type=int, default=8)
-    parser.add_argument("--every-n-train-steps", type=int, default=200)
+    parser.add_argument("--epochs", type=int, default=8, help="the quickstart trains 8")
+    parser.add_argument("--schedule", choices=("default", "quickstart", "steps", "idle"), default="default")
+    parser.add_argument("--every-n-train-steps", type=int, default=200, help="with --schedule steps")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads on the CPU (0: torch's default)")
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore")
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({platform.machine()})"
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU ({platform.machine()})"
     print(f"# benchmarks/overhead.py {datetime.datetime.now().isoformat(timespec='seconds')}")
-    print(f"device {device}; torch {torch.__version__}; {os.cpu_count()} CPUs, {torch.get_num_threads()} threads")
-    steps = args.epochs * 44
-    print(f"quickstart CNN, {args.epochs} epochs ({steps} steps), callbacks every {args.every_n_train_steps} steps")
-    off, on, costs = [], [], []
-    for _ in range(args.repeats):
-        off.append(_fit(args.epochs, []))
-        cbs = _callbacks(args.every_n_train_steps)
-        on.append(_fit(args.epochs, cbs))
-        costs.append({type(cb).__name__: cb.last_metrics.get(f"{cb.prefix}/seconds", 0.0) for cb in cbs})
+    print(
+        f"device {device}; torch {torch.__version__}; pytorch-lightning {pl.__version__}; {os.cpu_count()} CPUs, "
+        f"{torch.get_num_threads()} threads; load average {os.getloadavg()[0]:.2f}"
+    )
+    print(f"quickstart CNN, {args.epochs} epochs ({args.epochs * 44} steps), schedule: {args.schedule}")
+    for callbacks in ([], _callbacks(args.schedule, args.every_n_train_steps)):  # untimed: one-time costs
+        _fit(1, callbacks, args.device)
+    off, on, off_cpu, on_cpu, counts, shares = [], [], [], [], [], []
+    for repeat in range(args.repeats):
+        for with_callbacks in (False, True) if repeat % 2 == 0 else (True, False):  # ABBA: drift cancels
+            if not with_callbacks:
+                wall, cpu = _fit(args.epochs, [], args.device)
+                off.append(wall)
+                off_cpu.append(cpu)
+                continue
+            cbs = _callbacks(args.schedule, args.every_n_train_steps)
+            measured = {type(cb).__name__: _counting(cb) for cb in cbs}
+            wall, cpu = _fit(args.epochs, cbs, args.device)
+            on.append(wall)
+            on_cpu.append(cpu)
+            counts.append({name: len(steps) for name, steps in measured.items()})
+            shares.append(sum(cb._spent_seconds for cb in cbs) / on[-1])
     t_off, t_on = statistics.median(off), statistics.median(on)
     print(f"fit without callbacks  median {t_off:.2f} s  {[round(t, 2) for t in off]}")
     print(f"fit with callbacks     median {t_on:.2f} s  {[round(t, 2) for t in on]}")
-    print(f"overhead               {100 * (t_on / t_off - 1):+.1f}%  (target at most +5%)")
-    print("last measurement's own cost (s):", {k: round(v, 3) for k, v in costs[-1].items()})
+    print(f"measurements per fit   {counts[-1]}  (last repeat; steps: {dict(measured)})")
+    print(f"callbacks' own time    {100 * statistics.median(shares):.1f}% of the fit with them (median)")
+    print(f"overhead               {100 * (t_on / t_off - 1):+.1f}%  (target at most +5% at the default schedule)")
+    c_off, c_on = statistics.median(off_cpu), statistics.median(on_cpu)
+    print(f"process CPU time       {c_off:.2f} s without, {c_on:.2f} s with: {100 * (c_on / c_off - 1):+.1f}%")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,15 @@
-"""Models and the loss shared by the benchmark scripts (digits: flat 64 pixels, 10 classes)."""
+"""Models, the loss and the machine line shared by the benchmark scripts (digits: flat 64 pixels, 10 classes)."""
 
 from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -53,4 +62,65 @@ def resnet_digits(width: int = 16) -> nn.Module:
         nn.AdaptiveAvgPool2d(1),
         nn.Flatten(),
         nn.Linear(width, 10),
+    )
+
+
+def digits_net(name: str) -> nn.Module:
+    """``mlp`` (64-32-10, tanh), ``cnn`` (two tanh convolutions, 1,898 parameters) or ``resnet``."""
+    if name == "mlp":
+        return nn.Sequential(nn.Linear(64, 32), nn.Tanh(), nn.Linear(32, 10))
+    if name == "cnn":
+        return nn.Sequential(
+            nn.Unflatten(1, (1, 8, 8)),
+            nn.Conv2d(1, 8, 3, padding=1),
+            nn.Tanh(),
+            nn.AvgPool2d(2),
+            nn.Conv2d(8, 16, 3, padding=1),
+            nn.Tanh(),
+            nn.AvgPool2d(2),
+            nn.Flatten(),
+            nn.Linear(64, 10),
+        )
+    return resnet_digits(16)  # a ResNet-8-like stem + 3 basic blocks with BatchNorm
+
+
+def sync(device: torch.device) -> None:
+    """Wait for the device's queued work (timings)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn: Callable[[], Any], device: torch.device, repeats: int, warmup: int = 1) -> tuple[Any, float]:
+    """``(last result, median seconds)`` of ``repeats`` timed calls after ``warmup`` untimed ones."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    times, out = [], None
+    for _ in range(repeats):
+        sync(device)
+        t0 = time.perf_counter()
+        out = fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return out, statistics.median(times)
+
+
+def machine_info(device: torch.device) -> str:
+    """Date, versions, device (with its TF32 settings on CUDA), CPUs and load: the header line of a benchmark."""
+    load = ""
+    with contextlib.suppress(OSError, AttributeError):  # os.getloadavg is Unix-only
+        avg = os.getloadavg()
+        busy = " (other work running: timings are noisy)" if avg[0] > 0.5 * (os.cpu_count() or 1) else ""
+        load = f", load average {avg[0]:.1f} {avg[1]:.1f} {avg[2]:.1f}{busy}"
+    if device.type == "cuda":
+        tf32 = f"cudnn {torch.backends.cudnn.allow_tf32}, matmul {torch.backends.cuda.matmul.allow_tf32}"
+        name = f"{torch.cuda.get_device_name(device)}; TF32: {tf32}"
+    else:
+        name = platform.processor() or platform.machine()
+        with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+            name = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), name)
+    return (
+        f"date {datetime.datetime.now().astimezone().isoformat(timespec='seconds')};"
+        f" python {platform.python_version()}; torch {torch.__version__}; device {device} ({name});"
+        f" CPUs {os.cpu_count()}, torch threads {torch.get_num_threads()}{load}"
     )

@@ -26,12 +26,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import datetime
 import importlib
 import importlib.metadata
 import math
 import os
-import platform
 import statistics
 import sys
 import time
@@ -40,7 +38,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from _bench_models import CRITERION, load_digits, loss_fn, resnet_digits
+from _bench_models import CRITERION, digits_net, load_digits, loss_fn, machine_info, timed
 from torch import Tensor, nn
 
 from lightning_landscape import functional as LF
@@ -78,25 +76,6 @@ def parse_args() -> argparse.Namespace:
     return args
 
 
-def make_model(name: str) -> nn.Module:
-    """Small models on 8x8 digits (inputs are the flat 64 pixels)."""
-    if name == "mlp":
-        return nn.Sequential(nn.Linear(64, 32), nn.Tanh(), nn.Linear(32, 10))
-    if name == "cnn":
-        return nn.Sequential(
-            nn.Unflatten(1, (1, 8, 8)),
-            nn.Conv2d(1, 8, 3, padding=1),
-            nn.Tanh(),
-            nn.AvgPool2d(2),
-            nn.Conv2d(8, 16, 3, padding=1),
-            nn.Tanh(),
-            nn.AvgPool2d(2),
-            nn.Flatten(),
-            nn.Linear(64, 10),
-        )
-    return resnet_digits(16)  # a ResNet-8-like stem + 3 basic blocks with BatchNorm
-
-
 def train(model: nn.Module, x: Tensor, y: Tensor, steps: int) -> tuple[float, float]:
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     model.train()
@@ -112,26 +91,6 @@ def train(model: nn.Module, x: Tensor, y: Tensor, steps: int) -> tuple[float, fl
 
 
 # ---------------------------------------------------------------------------------------------- timing
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def timed(fn: Callable[[], Any], device: torch.device, repeats: int, warmup: int = 1) -> tuple[Any, float]:
-    """``(last result, median seconds)`` of ``repeats`` timed calls after ``warmup`` untimed ones."""
-    for _ in range(warmup):
-        fn()
-    sync(device)
-    times, out = [], None
-    for _ in range(repeats):
-        sync(device)
-        t0 = time.perf_counter()
-        out = fn()
-        sync(device)
-        times.append(time.perf_counter() - t0)
-    return out, statistics.median(times)
-
-
 # ---------------------------------------------------------------------------------------------- references
 def dense_hessian(model: nn.Module, batch: tuple[Tensor, Tensor]) -> Tensor:
     """The dense float64 Hessian of the probe loss by plain autograd (independent of our operator)."""
@@ -616,25 +575,6 @@ def hvp_cost_section(ctx: dict[str, Any], peers: Peers, args: argparse.Namespace
 
 
 # ---------------------------------------------------------------------------------------------- main
-def machine_info(device: torch.device) -> str:
-    load = ""
-    with contextlib.suppress(OSError, AttributeError):  # os.getloadavg is Unix-only
-        avg = os.getloadavg()
-        busy = " (other work running: timings are noisy)" if avg[0] > 0.5 * (os.cpu_count() or 1) else ""
-        load = f", load average {avg[0]:.1f} {avg[1]:.1f} {avg[2]:.1f}{busy}"
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-    else:
-        name = platform.processor() or platform.machine()
-        with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
-            name = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), name)
-    return (
-        f"date {datetime.datetime.now().astimezone().isoformat(timespec='seconds')};"
-        f" python {platform.python_version()}; torch {torch.__version__}; device {device} ({name});"
-        f" CPUs {os.cpu_count()}, torch threads {torch.get_num_threads()}{load}"
-    )
-
-
 def main() -> None:
     args = parse_args()
     device = torch.device(args.device)
@@ -653,7 +593,7 @@ def main() -> None:
 
     t0 = time.perf_counter()
     x, y = load_digits(device, args.seed)
-    model = make_model(args.model).to(device)
+    model = digits_net(args.model).to(device)
     train_loss, train_acc = train(model, x, y, args.train_steps)
     batches = [(x[: args.batch_size], y[: args.batch_size])]
     numel = sum(p.numel() for p in model.parameters() if p.requires_grad)

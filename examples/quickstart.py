@@ -10,6 +10,8 @@ Then look at the pictures: ``tensorboard --logdir lightning_logs``.
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
@@ -85,6 +87,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--no-callbacks", action="store_true", help="train without measuring (for timing)")
     parser.add_argument("--logdir", default="lightning_logs")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--export-images", metavar="DIR", help="also save the logged TensorBoard images as PNGs")
     args = parser.parse_args(argv)
 
     pl.seed_everything(args.seed, verbose=False)
@@ -110,6 +113,12 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     for key in sorted(results):
         print(f"{key:<40} {results[key]:.5g}")
     print(f"\nSee the pictures:  tensorboard --logdir {args.logdir}")
+    if args.export_images:  # the last frame of each image tag, bytes unchanged (docs/tensorboard_*.png)
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from _tensorboard_images import export_images
+
+        for path in export_images(trainer.logger.log_dir, args.export_images):
+            print(f"wrote {path}")
     return results
 
 

@@ -114,3 +114,35 @@ def test_cli_fast(tmp_path, capsys):
     text = Path(saved[0]).read_text()
     assert "sam: true" in text and "sam_rho: 0.1" in text and "lightning_landscape.SharpnessCallback" in text
     assert "sam=True" in capsys.readouterr().out
+
+
+def last_logged_images(log_dir: Path) -> dict[str, bytes]:
+    """Each image tag's PNG bytes at its highest step, read from the raw event protos (not EventAccumulator)."""
+    from tensorboard.backend.event_processing.event_file_loader import LegacyEventFileLoader
+
+    last: dict[str, tuple[int, bytes]] = {}
+    for file in sorted(glob.glob(f"{log_dir}/events.out.tfevents.*")):
+        for event in LegacyEventFileLoader(file).Load():
+            for value in event.summary.value:
+                if value.HasField("image") and event.step >= last.get(value.tag, (-1, b""))[0]:
+                    last[value.tag] = (event.step, value.image.encoded_image_string)
+    return {tag: data for tag, (_, data) in last.items()}
+
+
+def test_quickstart_export_images(tmp_path, capsys):
+    from matplotlib.image import imread
+
+    out = tmp_path / "png"
+    load("quickstart").main(["--fast", "--logdir", str(tmp_path / "logs"), "--export-images", str(out)])
+    (log_dir,) = glob.glob(f"{tmp_path}/logs/quickstart/version_*")
+    logged = last_logged_images(Path(log_dir))
+    assert {"hessian/spectral_density", "landscape/surface_2d", "landscape/slice_1d"} <= set(logged)
+    printed = capsys.readouterr().out
+    assert sorted(p.name for p in out.iterdir()) == sorted(f"tensorboard_{t.replace('/', '_')}.png" for t in logged)
+    for tag, data in logged.items():
+        path = out / f"tensorboard_{tag.replace('/', '_')}.png"
+        assert_png(path)
+        assert path.read_bytes() == data, f"{path} differs from the last {tag} frame in the event file"
+        image = imread(path)
+        assert image.ndim == 3 and image.shape[2] in (3, 4) and min(image.shape[:2]) > 50, image.shape
+        assert str(path) in printed

@@ -82,6 +82,23 @@ def test_keskar_and_custom_loss_every_epoch(tmp_path):
     assert cb.last_metrics["sharpness/keskar_linf"] > 0
 
 
+def test_one_radius_per_measure(tmp_path):
+    # Keskar at its paper's epsilon beside the worst case at SAM's radius, in one callback
+    train, _ = loaders(n_train=128, batch_size=32)
+    rho = {"worst_case_l2": 0.05, "keskar_linf": 1e-3}
+    cb = SharpnessCallback(every_n_epochs=1, rho=rho, kinds=["worst_case_l2", "keskar"])
+    module = DigitsModule(lr=0.1)
+    trainer(tmp_path, [cb], max_epochs=1, logger=False).fit(module, train)
+    for kind, radius in (("worst_case", 0.05), ("keskar", 1e-3)):
+        expected = sharpness(module, cross_entropy, cb._probe, radius, kind=kind)
+        tag = "sharpness/keskar_linf" if kind == "keskar" else "sharpness/worst_case_l2"
+        assert cb.last_metrics[tag] == pytest.approx(expected, rel=1e-4), tag
+    # the radius matters: Keskar at 0.05 is far larger than at 1e-3
+    wide = sharpness(module, cross_entropy, cb._probe, 0.05, kind="keskar")
+    assert wide > 10 * cb.last_metrics["sharpness/keskar_linf"]
+    assert "keskar_linf" in cb.state_key
+
+
 def test_training_unchanged_by_callback(tmp_path):
     """Same fit with and without the callback (every kind, val probe included): bitwise-equal weights."""
     results = []
@@ -164,6 +181,10 @@ def test_spec_parsing(spec, parsed):
         (dict(every_n_epochs=1, num_batches=0), "num_batches"),
         (dict(every_n_epochs=1, loss_fn="mse"), "loss_fn"),
         (dict(every_n_epochs=1, generalization="yes"), "generalization"),
+        (dict(every_n_epochs=1, rho={"worst_case_l2": 0.05}), "rho"),  # the other defaults have no radius
+        (dict(every_n_epochs=1, kinds=["keskar"], rho={"keskar_linf": 1e-3, "keskar": 1}), "rho"),
+        (dict(every_n_epochs=1, kinds=["keskar"], rho={"keskar_linf": 0}), "rho"),
+        (dict(every_n_epochs=1, kinds=["keskar"], rho={"keskar_linf": "small"}), "rho"),
     ],
 )
 def test_bad_arguments_name_the_argument(kwargs, name):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import pytorch_lightning as pl
 import torch
@@ -89,7 +89,8 @@ class SharpnessCallback(MeasurementCallback):
         every_n_train_steps: measure every ``n`` optimizer steps (or give ``every_n_epochs``, or neither:
             see ``max_overhead``).
         every_n_epochs: measure at the end of every ``n``-th epoch.
-        rho: radius of the perturbation (for ``keskar``, its ε).
+        rho: radius of the perturbation (for ``keskar``, its ε); one number for every measure, or a mapping
+            from each tag in ``kinds`` to its own radius (e.g. ``{"worst_case_l2": 0.05, "keskar_linf": 1e-3}``).
         kinds: the measures, as strings ``"<kind>_<norm>[_adaptive]"`` (kind ``worst_case``,
             ``average_case`` or ``keskar``; norm ``l2`` or ``linf``; ``"keskar"`` alone is ``"keskar_linf"``)
             or tuples ``(kind, norm[, adaptive])``. Default :data:`DEFAULT_KINDS`.
@@ -118,7 +119,7 @@ class SharpnessCallback(MeasurementCallback):
         self,
         every_n_train_steps: int | None = None,
         every_n_epochs: int | None = None,
-        rho: float = 0.05,
+        rho: float | Mapping[str, float] = 0.05,
         kinds: Sequence[SharpnessSpec] = DEFAULT_KINDS,
         num_batches: int = 1,
         loss_fn: LossFn | None = None,
@@ -141,15 +142,17 @@ class SharpnessCallback(MeasurementCallback):
             seed=seed,
             strict=strict,
         )
-        check_sharpness_args(rho, "worst_case", "l2", False, eta, steps, samples)  # rho, eta, steps, samples
+        plain_rho = 1.0 if isinstance(rho, Mapping) else rho  # a mapping's radii are checked per measure below
+        check_sharpness_args(plain_rho, "worst_case", "l2", False, eta, steps, samples)  # rho, eta, steps, samples
         if isinstance(kinds, str):
             kinds = [kinds]  # one spec given bare
         if not isinstance(kinds, Sequence):
             raise ValueError(f"`kinds` must be a list of measure specs, got {kinds!r}.")
         specs = [parse_sharpness_spec(k) for k in kinds]
-        for kind, norm, adaptive in specs:
-            check_sharpness_args(rho, kind, norm, adaptive, eta, steps, samples)
         tags = [_tag(*s) for s in specs]
+        radii = _radii(rho, tags)
+        for (kind, norm, adaptive), tag in zip(specs, tags, strict=True):
+            check_sharpness_args(radii[tag], kind, norm, adaptive, eta, steps, samples)
         duplicates = sorted({t for t in tags if tags.count(t) > 1})
         if duplicates:
             raise ValueError(f"`kinds` lists {', '.join(duplicates)} more than once.")
@@ -157,7 +160,8 @@ class SharpnessCallback(MeasurementCallback):
             raise ValueError(f"`generalization` must be True or False, got {generalization!r}.")
         if not specs and not generalization:
             raise ValueError("`kinds` is empty and `generalization=False`: there is nothing to measure.")
-        self.rho = float(rho)
+        self.rho = dict(rho) if isinstance(rho, Mapping) else float(rho)
+        self.radii = radii
         self.specs = specs
         self._tags = tuple(_tag(*s) for s in specs)
         self.steps = steps
@@ -180,10 +184,10 @@ class SharpnessCallback(MeasurementCallback):
     def measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> tuple[dict[str, float], dict[str, Figure]]:
         scalars: dict[str, float] = {}
         with self.operator(trainer, pl_module, self._probe) as op:
-            for kind, norm, adaptive in self.specs:
+            for (kind, norm, adaptive), tag in zip(self.specs, self._tags, strict=True):
                 result = sharpness_estimate(
                     op,
-                    self.rho,
+                    self.radii[tag],
                     kind=kind,
                     norm=norm,
                     adaptive=adaptive,
@@ -207,6 +211,21 @@ class SharpnessCallback(MeasurementCallback):
                 scalars[f"{_GENERALIZATION}/val_loss"] = val
                 scalars[f"{_GENERALIZATION}/gap"] = val - train
         return scalars, {}
+
+
+def _radii(rho: float | Mapping[str, float], tags: list[str]) -> dict[str, float]:
+    """The radius of each measure: ``rho`` for all, or ``rho[tag]`` (which must name every tag, and only those)."""
+    if not isinstance(rho, Mapping):
+        return dict.fromkeys(tags, rho)
+    unknown, missing = sorted(set(rho) - set(tags)), [t for t in tags if t not in rho]
+    if unknown or missing:
+        raise ValueError(
+            f"`rho` as a mapping needs one radius for each measure in `kinds` {tags}"
+            + (f"; not in `kinds`: {unknown}" if unknown else "")
+            + (f"; missing: {missing}" if missing else "")
+            + "."
+        )
+    return {tag: rho[tag] for tag in tags}
 
 
 def _tag(kind: str, norm: str, adaptive: bool) -> str:

@@ -288,7 +288,7 @@ class SAMMixin(pl.LightningModule):
                     bad = strategy.reduce(bad.float(), reduce_op="sum") > 0
             weights = params if self.sam_adaptive else None
             eps = ascent_step(grads, weights, self.sam_rho, adaptive=self.sam_adaptive, eta=self.sam_eta)
-            saved = [p.detach().clone() for p in params]
+            saved = _copies([p.detach() for p in params])
             torch._foreach_add_(params, eps)
             del eps, grads
         try:  # second pass at w + ε: gradient all-reduced under DDP, no logging, buffers kept
@@ -317,7 +317,7 @@ class SAMMixin(pl.LightningModule):
                 if b is not None:
                     buffers[id(b)] = b
         with torch.no_grad():
-            saved = [(b, b.clone()) for b in buffers.values()]
+            saved = list(zip(buffers.values(), _copies(list(buffers.values())), strict=True))
         originals.update((id(b), s) for b, s in saved)
         frozen = _freeze_metrics(metrics)
         self.__dict__.update(silenced)
@@ -337,6 +337,14 @@ class SAMMixin(pl.LightningModule):
             if saved:
                 with torch.no_grad():
                     torch._foreach_copy_([b for b, _ in saved], [c for _, c in saved])
+
+
+def _copies(tensors: list[Tensor]) -> list[Tensor]:
+    """Copies of ``tensors`` by one fused copy (per device and dtype) rather than one clone, one kernel, each."""
+    copies = [torch.empty_like(t) for t in tensors]
+    if copies:
+        torch._foreach_copy_(copies, tensors)
+    return copies
 
 
 def _no_op(*args: Any, **kwargs: Any) -> None:

@@ -23,10 +23,11 @@ ROOT = Path(__file__).resolve().parents[1]
 PY, CUDA = sys.executable, ["--device", "cuda"]
 OVERHEAD = [PY, "benchmarks/overhead.py", *CUDA, "--epochs", "40"]
 PARTS = [
-    ("tests", [PY, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_gpu.py", "-rA"], 150, 12),
+    ("tests", [PY, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_gpu.py", "-rA"], 120, 12),
     ("sam", [PY, "benchmarks/sam.py", *CUDA, "--steps", "200"], 60, 6),
     ("overhead", [*OVERHEAD, "--repeats", "4"], 120, 6),
     ("overhead_idle", [*OVERHEAD, "--repeats", "3", "--schedule", "idle"], 90, 6),
+    ("overhead_bare", [*OVERHEAD, "--repeats", "3", "--schedule", "bare"], 90, 6),
     ("hessian", [PY, "benchmarks/hessian.py", *CUDA, "--quick", "--peers-path", "{peers}/hessian"], 60, 14),
     ("landscape", [PY, "benchmarks/landscape.py", *CUDA, "--quick", "--peers-path", "{peers}/landscape"], 50, 8),
 ]

@@ -4,6 +4,7 @@
     python benchmarks/overhead.py --schedule quickstart    # the quickstart's own: everything, every epoch
     python benchmarks/overhead.py --schedule steps --every-n-train-steps 100
     python benchmarks/overhead.py --schedule idle         # attached, (almost) never measuring: the hooks' cost
+    python benchmarks/overhead.py --schedule bare         # three empty pl.Callback(): what any callback costs
 
 Runs the quickstart's CNN on digits (examples/quickstart.py) for ``--epochs`` epochs, alternating fits
 without and with the three callbacks, ``--repeats`` times each, and prints the median wall times, their
@@ -26,6 +27,7 @@ from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.trainer import call
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 from quickstart import DigitsCNN, default_callbacks, digits_loaders
@@ -36,6 +38,8 @@ from lightning_landscape import HessianCallback, LossLandscapeCallback, Sharpnes
 def _callbacks(schedule: str, every: int) -> list[pl.Callback]:
     if schedule == "quickstart":
         return default_callbacks()
+    if schedule == "bare":
+        return [pl.Callback() for _ in range(3)]
     if schedule == "idle":
         return [cls(max_overhead=1e-9) for cls in (HessianCallback, SharpnessCallback, LossLandscapeCallback)]
     if schedule == "steps":
@@ -59,8 +63,32 @@ def _counting(cb: pl.Callback) -> list[int]:
     return steps
 
 
+class _HookClock:
+    """Seconds spent in Lightning's dispatch of callback hooks (our measurements included), per fit.
+
+    A share of one fit, so it does not move with the machine's load the way whole-fit times do.
+    """
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+        self._dispatch = call._call_callback_hooks
+
+        def timed(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return self._dispatch(*args, **kwargs)
+            finally:
+                self.seconds += time.perf_counter() - start
+
+        call._call_callback_hooks = timed
+
+
+HOOKS = _HookClock()
+
+
 def _fit(epochs: int, callbacks: list[pl.Callback], accelerator: str) -> tuple[float, float]:
-    """Wall seconds and this process's CPU seconds of one fit."""
+    """Wall seconds and this process's CPU seconds of one fit (and ``HOOKS.seconds`` for it)."""
+    HOOKS.seconds = 0.0
     pl.seed_everything(0, verbose=False)
     train, val = digits_loaders(1400, batch_size=32, seed=0)
     trainer = pl.Trainer(
@@ -76,7 +104,7 @@ def _fit(epochs: int, callbacks: list[pl.Callback], accelerator: str) -> tuple[f
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--epochs", type=int, default=8, help="the quickstart trains 8")
-    parser.add_argument("--schedule", choices=("default", "quickstart", "steps", "idle"), default="default")
+    parser.add_argument("--schedule", choices=("default", "quickstart", "steps", "idle", "bare"), default="default")
     parser.add_argument("--every-n-train-steps", type=int, default=200, help="with --schedule steps")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
@@ -94,27 +122,35 @@ def main(argv: list[str] | None = None) -> None:
     print(f"quickstart CNN, {args.epochs} epochs ({args.epochs * 44} steps), schedule: {args.schedule}")
     for callbacks in ([], _callbacks(args.schedule, args.every_n_train_steps)):  # untimed: one-time costs
         _fit(1, callbacks, args.device)
-    off, on, off_cpu, on_cpu, counts, shares = [], [], [], [], [], []
+    off, on, off_cpu, on_cpu, counts, shares, hooks_off, hooks_on = [], [], [], [], [], [], [], []
     for repeat in range(args.repeats):
         for with_callbacks in (False, True) if repeat % 2 == 0 else (True, False):  # ABBA: drift cancels
             if not with_callbacks:
                 wall, cpu = _fit(args.epochs, [], args.device)
                 off.append(wall)
                 off_cpu.append(cpu)
+                hooks_off.append(HOOKS.seconds / wall)
                 continue
             cbs = _callbacks(args.schedule, args.every_n_train_steps)
-            measured = {type(cb).__name__: _counting(cb) for cb in cbs}
+            measured = {type(cb).__name__: _counting(cb) for cb in cbs if hasattr(cb, "measure")}
             wall, cpu = _fit(args.epochs, cbs, args.device)
             on.append(wall)
             on_cpu.append(cpu)
+            hooks_on.append((HOOKS.seconds - sum(getattr(cb, "_spent_seconds", 0.0) for cb in cbs)) / wall)
             counts.append({name: len(steps) for name, steps in measured.items()})
-            shares.append(sum(cb._spent_seconds for cb in cbs) / on[-1])
+            shares.append(sum(getattr(cb, "_spent_seconds", 0.0) for cb in cbs) / on[-1])
     t_off, t_on = statistics.median(off), statistics.median(on)
     print(f"fit without callbacks  median {t_off:.2f} s  {[round(t, 2) for t in off]}")
     print(f"fit with callbacks     median {t_on:.2f} s  {[round(t, 2) for t in on]}")
     print(f"measurements per fit   {counts[-1]}  (last repeat; steps: {dict(measured)})")
     print(f"callbacks' own time    {100 * statistics.median(shares):.1f}% of the fit with them (median)")
     print(f"overhead               {100 * (t_on / t_off - 1):+.1f}%  (target at most +5% at the default schedule)")
+    h_off, h_on = 100 * statistics.median(hooks_off), 100 * statistics.median(hooks_on)
+    total = h_on - h_off + 100 * statistics.median(shares)
+    print(
+        f"callback hooks         {h_off:.2f}% of the fit without, {h_on:.2f}% with (measuring excluded): "
+        f"{h_on - h_off:+.2f} points; with the callbacks' own time {total:.1f}% (load-independent estimate)"
+    )
     c_off, c_on = statistics.median(off_cpu), statistics.median(on_cpu)
     print(f"process CPU time       {c_off:.2f} s without, {c_on:.2f} s with: {100 * (c_on / c_off - 1):+.1f}%")
 

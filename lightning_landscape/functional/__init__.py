@@ -9,12 +9,12 @@ Example:
     ['hessian_density', 'hessian_eigenvalues', 'hessian_trace']
 """
 
-from lightning_landscape.functional._operator import DenseOperator, SymmetricOperator
-from lightning_landscape.functional._params import ParamSpec, select_parameters
-from lightning_landscape.functional.eigen import EigenResult, hessian_eigenvalues, top_eigenvalues
-from lightning_landscape.functional.hvp import HVP_METHODS, LossFn, LossOperator, MeasurementError, hvp
-from lightning_landscape.functional.sharpness import SharpnessResult, sharpness, sharpness_estimate
-from lightning_landscape.functional.surface import (
+from ._operator import DenseOperator, SymmetricOperator
+from ._params import ParamSpec, select_parameters
+from .eigen import EigenResult, hessian_eigenvalues, top_eigenvalues
+from .hvp import HVP_METHODS, LossFn, LossOperator, MeasurementError, hvp
+from .sharpness import SharpnessResult, sharpness, sharpness_estimate
+from .surface import (
     LineResult,
     SurfaceResult,
     filter_normalize,
@@ -23,7 +23,7 @@ from lightning_landscape.functional.surface import (
     loss_surface,
     random_directions,
 )
-from lightning_landscape.functional.trace import (
+from .trace import (
     DensityResult,
     TraceResult,
     hessian_density,

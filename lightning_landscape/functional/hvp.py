@@ -21,8 +21,8 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from lightning_landscape.functional._batches import apply_to_tensors, batch_size, clone_if_inference
-from lightning_landscape.functional._params import ParamSpec
+from ._batches import apply_to_tensors, batch_size, clone_if_inference
+from ._params import ParamSpec
 
 __all__ = ["HVP_METHODS", "LossFn", "LossOperator", "MeasurementError", "hvp"]
 

@@ -30,9 +30,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_landscape.functional._perturbation import NORMS, ascent_step
-from lightning_landscape.functional._random import gaussian, make_generator, rademacher
-from lightning_landscape.functional.hvp import LossFn, LossOperator
+from ._perturbation import NORMS, ascent_step
+from ._random import gaussian, make_generator, rademacher
+from .hvp import LossFn, LossOperator
 
 __all__ = ["KINDS", "NORMS", "SharpnessResult", "check_sharpness_args", "sharpness", "sharpness_estimate"]
 

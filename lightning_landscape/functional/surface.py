@@ -28,10 +28,10 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from lightning_landscape.functional._batches import batch_size, split_batch
-from lightning_landscape.functional._params import ParamSpec
-from lightning_landscape.functional._random import gaussian, make_generator
-from lightning_landscape.functional.hvp import LossFn, LossOperator, MeasurementError, is_out_of_memory
+from ._batches import batch_size, split_batch
+from ._params import ParamSpec
+from ._random import gaussian, make_generator
+from .hvp import LossFn, LossOperator, MeasurementError, is_out_of_memory
 
 __all__ = [
     "LineResult",

@@ -10,10 +10,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_landscape.functional._lanczos import lanczos
-from lightning_landscape.functional._operator import SymmetricOperator
-from lightning_landscape.functional._random import gaussian, make_generator, rademacher
-from lightning_landscape.functional.hvp import LossFn, LossOperator
+from ._lanczos import lanczos
+from ._operator import SymmetricOperator
+from ._random import gaussian, make_generator, rademacher
+from .hvp import LossFn, LossOperator
 
 __all__ = [
     "DensityResult",

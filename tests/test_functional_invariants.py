@@ -86,6 +86,30 @@ def test_sample_weighted_mean_over_batches():
     torch.testing.assert_close(whole, x.T @ x / 10)
 
 
+@pytest.mark.parametrize("method", ["double_backward", "double_backward_batched"])
+def test_gradient_graph_is_built_once_per_batch(method):
+    # the operator keeps each batch's gradient graph: later products only back-propagate through it
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 1))
+    x = torch.randn(12, 4)
+    calls = []
+
+    def loss_fn(m, b):
+        calls.append(len(b))
+        return m(b).pow(2).mean()
+
+    v = torch.randn(3, sum(p.numel() for p in model.parameters()))
+    with LF.LossOperator(model, loss_fn, [x[:8], x[8:]], hvp_method=method) as op:
+        first = op.hvp(v)
+        assert calls == [8, 4]
+        again = op.hvp(v[:1])
+        assert calls == [8, 4]  # no new forward pass
+    torch.testing.assert_close(again, first[:1])
+    with LF.LossOperator(model, loss_fn, [x[:8], x[8:]], hvp_method=method, cache_graph=False) as op:
+        torch.testing.assert_close(op.hvp(v), first)
+        assert calls == [8, 4, 8, 4]
+
+
 def test_float64_losses_keep_float64():
     # a float64 model's loss must not be rounded to float32 (scientific models often run in float64)
     torch.manual_seed(0)

@@ -348,15 +348,15 @@ class LossOperator:
         raise MeasurementError("no Hessian-vector-product method works for this model: " + "; ".join(errors))
 
     def _local_hvp(self, vectors: Tensor, name: str, math_sdpa: bool, batches: Sequence[Any] | None = None) -> Tensor:
-        weights = self._weights() if batches is None else [1.0] * len(batches)
-        batches = self.batches if batches is None else batches
+        cached = batches is None  # the operator's own batches: their gradient graphs may be kept
+        weights = self._weights() if cached else [1.0] * len(batches)
+        batches = self.batches if cached else batches
         compute = {
             "double_backward": self._hvp_double_backward,
             "double_backward_batched": self._hvp_double_backward,
             "forward_over_reverse": self._hvp_forward_over_reverse,
             "finite_difference": self._hvp_finite_difference,
         }[name]
-        cached = batches is None
         with _math_attention() if math_sdpa else contextlib.nullcontext():
             total = torch.zeros_like(vectors)
             for i, (w, b) in enumerate(zip(weights, batches, strict=False)):

@@ -320,7 +320,7 @@ class MeasurementCallback(Callback):
         return seconds * self.work_in_gradients() + FIGURE_SECONDS * self.figures_per_measurement()
 
     def work_in_gradients(self) -> float:
-        """Rough cost of one measurement in probe-set gradients (a forward pass ≈ 1/3, an HVP ≈ 3)."""
+        """Rough cost of one measurement in probe-set gradients (a forward pass ≈ 1/3, an HVP ≈ 2)."""
         return 10.0
 
     def figures_per_measurement(self) -> int:

@@ -113,7 +113,7 @@ class HessianCallback(MeasurementCallback):
         hvps = min(self.max_hvps, 2 * self.top_k + 8)
         hvps += self.trace_hvps if self.trace else 0
         hvps += self.density_probes * self.density_steps if self.density else 0
-        return 3.0 * hvps
+        return 2.0 * hvps
 
     def figures_per_measurement(self) -> int:
         return int(self.density)

@@ -110,6 +110,57 @@ def test_gradient_graph_is_built_once_per_batch(method):
         assert calls == [8, 4, 8, 4]
 
 
+class _SquareNoVmap(torch.autograd.Function):
+    """x**2 whose backward reads a value on the host (``.item()``), as some custom kernels' wrappers do:
+    vmap, and so a batched backward through this node, cannot run it."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x**2
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        scale = 2.0 if g.abs().max().item() >= 0 else 0.0
+        return scale * x * g
+
+
+class _CubeNoVmap(torch.autograd.Function):
+    """x**3 whose backward goes through ``_SquareNoVmap``: the gradient's graph holds a node vmap refuses."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x**3
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        return 3 * _SquareNoVmap.apply(x) * g
+
+
+@pytest.mark.parametrize("vmappable", [True, False])
+def test_auto_batches_blocks_of_vectors_and_falls_back_to_a_loop(vmappable):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 1))
+    x = torch.randn(10, 4)
+
+    def loss_fn(m, b):
+        out = m(b)
+        return (out**3 if vmappable else _CubeNoVmap.apply(out)).mean()
+
+    v = torch.randn(4, sum(p.numel() for p in model.parameters()))
+    with LF.LossOperator(model, loss_fn, [x], hvp_method="double_backward") as op:
+        loop = op.hvp(v)
+    with LF.LossOperator(model, loss_fn, [x]) as op:
+        auto = op.hvp(v)
+        assert op.method == "double_backward"
+        assert op._blocks_batched is vmappable
+        torch.testing.assert_close(op.hvp(v[:1]), loop[:1])  # a single vector always loops
+    torch.testing.assert_close(auto, loop, rtol=1e-5, atol=1e-6)
+
+
 def test_float64_losses_keep_float64():
     # a float64 model's loss must not be rounded to float32 (scientific models often run in float64)
     torch.manual_seed(0)

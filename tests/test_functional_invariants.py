@@ -161,6 +161,25 @@ def test_auto_batches_blocks_of_vectors_and_falls_back_to_a_loop(vmappable):
     torch.testing.assert_close(auto, loop, rtol=1e-5, atol=1e-6)
 
 
+def test_auto_method_from_an_earlier_operator_skips_the_choice_and_keeps_batching():
+    # the callbacks hand each new operator what "auto" chose at their first measurement
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 1))
+    x = torch.randn(10, 4)
+    v = torch.randn(3, sum(p.numel() for p in model.parameters()))
+    with LF.LossOperator(model, _loss_mse, [x], auto_method="double_backward") as op:
+        op.hvp(v)
+        assert op.probe_hvps == 0 and op.method == "double_backward" and op._blocks_batched is True
+    with pytest.raises(ValueError, match="auto_method"):
+        LF.LossOperator(model, _loss_mse, [x], hvp_method="double_backward", auto_method="double_backward")
+    with pytest.raises(ValueError, match="auto_method"):
+        LF.LossOperator(model, _loss_mse, [x], auto_method="magic")
+
+
+def _loss_mse(m, b):
+    return m(b).pow(2).mean()
+
+
 def test_float64_losses_keep_float64():
     # a float64 model's loss must not be rounded to float32 (scientific models often run in float64)
     torch.manual_seed(0)

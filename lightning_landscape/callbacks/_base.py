@@ -350,7 +350,8 @@ class MeasurementCallback(Callback):
             pl_module,
             self.resolved_loss_fn,
             batches,
-            hvp_method=self._resolved_method or self.hvp_method,
+            hvp_method=self.hvp_method,
+            auto_method=self._resolved_method if self.hvp_method == "auto" else None,
             eval_mode=self.eval_mode,
             reduce_fn=self.reduce_fn(trainer),
         )

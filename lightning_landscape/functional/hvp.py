@@ -98,6 +98,8 @@ class LossOperator:
             so a double-backward product costs one backward pass instead of a forward and two backward
             passes (PyHessian does this for one batch). Costs the graphs' memory; dropped on running out
             of memory.
+        auto_method: with ``hvp_method="auto"``, the method an earlier operator on the same model chose
+            (its :attr:`method`): skips choosing again and keeps ``auto``'s batching of blocks.
         fd_step: relative size of the central finite-difference step (default ``eps^(1/3) / 8`` of the
             dtype, ~6e-4 in float32), scaled by ``(1 + rms(θ)) / rms(v)``. Finite differences see the
             kinks of ReLU-like activations, which the autograd Hessian ignores: on such models they
@@ -126,11 +128,14 @@ class LossOperator:
         chunk_size: int | None = None,
         fd_step: float | None = None,
         cache_graph: bool = True,
+        auto_method: str | None = None,
     ) -> None:
         if not callable(loss_fn):
             raise TypeError(f"`loss_fn` must be callable as loss_fn(model, batch), got {type(loss_fn).__name__}.")
         if hvp_method.split("+")[0] not in HVP_METHODS:
             raise ValueError(f"`hvp_method` must be one of {HVP_METHODS}, got {hvp_method!r}.")
+        if auto_method is not None and (hvp_method != "auto" or auto_method.split("+")[0] not in HVP_METHODS[1:]):
+            raise ValueError(f"`auto_method` is what `hvp_method='auto'` chose before, got {auto_method!r}.")
         if chunk_size is not None and chunk_size < 1:
             raise ValueError(f"`chunk_size` must be a positive integer or None, got {chunk_size}.")
         batches = list(batches)
@@ -157,11 +162,11 @@ class LossOperator:
         self._total: float | None = None
         self._mode_stack: list[list[tuple[nn.Module, bool]]] = []
         self._ctx: list[contextlib.ExitStack] = []
-        base, _, backend = hvp_method.partition("+")
+        base, _, backend = (auto_method or hvp_method).partition("+")
         self.hvp_method = hvp_method
         self._method: tuple[str, bool] | None = None if base == "auto" else (base, backend == "math_sdpa")
         # with "auto", blocks of vectors go through one batched double backward unless that fails once
-        self._auto = base == "auto"
+        self._auto = hvp_method == "auto"
         self._blocks_batched: bool | None = None
 
     # ------------------------------------------------------------------ context

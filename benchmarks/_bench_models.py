@@ -65,23 +65,42 @@ def resnet_digits(width: int = 16) -> nn.Module:
     )
 
 
-def digits_net(name: str) -> nn.Module:
-    """``mlp`` (64-32-10, tanh), ``cnn`` (two tanh convolutions, 1,898 parameters) or ``resnet``."""
+def digits_net(name: str, width: int | None = None) -> nn.Module:
+    """``mlp`` (64-w-10, tanh; w = 32), ``cnn`` (two tanh convolutions of w and 2w channels; w = 8: 1,898
+    parameters) or ``resnet`` (:func:`resnet_digits`, w = 16); ``width`` sets w."""
     if name == "mlp":
-        return nn.Sequential(nn.Linear(64, 32), nn.Tanh(), nn.Linear(32, 10))
+        w = width or 32
+        return nn.Sequential(nn.Linear(64, w), nn.Tanh(), nn.Linear(w, 10))
     if name == "cnn":
+        w = width or 8
         return nn.Sequential(
             nn.Unflatten(1, (1, 8, 8)),
-            nn.Conv2d(1, 8, 3, padding=1),
+            nn.Conv2d(1, w, 3, padding=1),
             nn.Tanh(),
             nn.AvgPool2d(2),
-            nn.Conv2d(8, 16, 3, padding=1),
+            nn.Conv2d(w, 2 * w, 3, padding=1),
             nn.Tanh(),
             nn.AvgPool2d(2),
             nn.Flatten(),
-            nn.Linear(64, 10),
+            nn.Linear(8 * w, 10),
         )
-    return resnet_digits(16)  # a ResNet-8-like stem + 3 basic blocks with BatchNorm
+    return resnet_digits(width or 16)  # a ResNet-8-like stem + 3 basic blocks with BatchNorm
+
+
+def train_sgd(model: nn.Module, x: Tensor, y: Tensor, steps: int) -> tuple[float, float]:
+    """``steps`` full-batch SGD steps (lr 0.1, momentum 0.9); the model is left in eval mode with no
+    gradients. Returns the final training loss and accuracy."""
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model.train()
+    for _ in range(steps):
+        opt.zero_grad(set_to_none=True)
+        loss_fn(model, (x, y)).backward()
+        opt.step()
+    opt.zero_grad(set_to_none=True)
+    model.eval()
+    with torch.no_grad():
+        out = model(x)
+        return float(CRITERION(out, y)), float((out.argmax(1) == y).float().mean())
 
 
 def sync(device: torch.device) -> None:

@@ -38,7 +38,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from _bench_models import CRITERION, digits_net, load_digits, loss_fn, machine_info, timed
+from _bench_models import CRITERION, digits_net, load_digits, loss_fn, machine_info, timed, train_sgd
 from torch import Tensor, nn
 
 from lightning_landscape import functional as LF
@@ -74,20 +74,6 @@ def parse_args() -> argparse.Namespace:
     if args.quick:
         args.trace_seeds, args.repeats, args.hvp_repeats = 3, 1, 5
     return args
-
-
-def train(model: nn.Module, x: Tensor, y: Tensor, steps: int) -> tuple[float, float]:
-    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    model.train()
-    for _ in range(steps):
-        opt.zero_grad(set_to_none=True)
-        loss_fn(model, (x, y)).backward()
-        opt.step()
-    opt.zero_grad(set_to_none=True)
-    model.eval()
-    with torch.no_grad():
-        out = model(x)
-        return float(CRITERION(out, y)), float((out.argmax(1) == y).float().mean())
 
 
 # ---------------------------------------------------------------------------------------------- timing
@@ -594,7 +580,7 @@ def main() -> None:
     t0 = time.perf_counter()
     x, y = load_digits(device, args.seed)
     model = digits_net(args.model).to(device)
-    train_loss, train_acc = train(model, x, y, args.train_steps)
+    train_loss, train_acc = train_sgd(model, x, y, args.train_steps)
     batches = [(x[: args.batch_size], y[: args.batch_size])]
     numel = sum(p.numel() for p in model.parameters() if p.requires_grad)
     with LF.LossOperator(model, loss_fn, batches) as op:

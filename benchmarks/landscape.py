@@ -38,7 +38,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from _bench_models import CRITERION, load_digits, loss_fn, resnet_digits
+from _bench_models import CRITERION, digits_net, load_digits, loss_fn, train_sgd
 from torch import Tensor, nn
 
 from lightning_landscape.functional import LossOperator
@@ -66,36 +66,6 @@ def parse_args() -> argparse.Namespace:
     if args.quick:
         args.repeats, args.batch_size = 1, 64
     return args
-
-
-def make_model(name: str, width: int) -> nn.Module:
-    """Small models on 8x8 digits (inputs are the flat 64 pixels)."""
-    if name == "mlp":
-        return nn.Sequential(nn.Linear(64, width), nn.Tanh(), nn.Linear(width, 10))
-    if name == "cnn":
-        return nn.Sequential(
-            nn.Unflatten(1, (1, 8, 8)),
-            nn.Conv2d(1, width, 3, padding=1),
-            nn.Tanh(),
-            nn.AvgPool2d(2),
-            nn.Conv2d(width, 2 * width, 3, padding=1),
-            nn.Tanh(),
-            nn.AvgPool2d(2),
-            nn.Flatten(),
-            nn.Linear(8 * width, 10),
-        )
-    return resnet_digits(width)  # a ResNet-8-like stem + 3 basic blocks with BatchNorm
-
-
-def train(model: nn.Module, x: Tensor, y: Tensor, steps: int) -> None:
-    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    model.train()
-    for _ in range(steps):
-        opt.zero_grad(set_to_none=True)
-        loss_fn(model, (x, y)).backward()
-        opt.step()
-    opt.zero_grad(set_to_none=True)
-    model.eval()
 
 
 def sync(device: torch.device) -> None:
@@ -160,8 +130,8 @@ def main() -> None:
     device = torch.device(args.device)
     torch.manual_seed(args.seed)
     x, y = load_digits(device, args.seed)
-    model = make_model(args.model, args.width).to(device)
-    train(model, x[:1024], y[:1024], args.train_steps)
+    model = digits_net(args.model, args.width).to(device)
+    train_sgd(model, x[:1024], y[:1024], args.train_steps)
     n = args.batch_size
     batches = [(x[i * n : (i + 1) * n], y[i * n : (i + 1) * n]) for i in range(args.num_batches)]
     if any(len(b[0]) < n for b in batches):

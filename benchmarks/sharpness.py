@@ -54,7 +54,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from _bench_models import digits_net, load_digits, loss_fn, machine_info, timed
+from _bench_models import digits_net, load_digits, loss_fn, machine_info, timed, train_sgd
 from torch import Tensor, nn
 from torch.func import functional_call
 
@@ -108,13 +108,7 @@ class Case:
 def trained_net(name: str, x: Tensor, y: Tensor, args: argparse.Namespace) -> Case:
     torch.manual_seed(args.seed)
     model = digits_net(name).to(x.device)
-    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    for _ in range(args.train_steps):
-        opt.zero_grad(set_to_none=True)
-        loss_fn(model, (x, y)).backward()
-        opt.step()
-    opt.zero_grad(set_to_none=True)
-    model.eval()
+    train_sgd(model, x, y, args.train_steps)
     batch = (x[: args.batch_size], y[: args.batch_size])
     numel = sum(p.numel() for p in model.parameters())
     with LF.LossOperator(model, loss_fn, [batch]) as op:

@@ -10,10 +10,10 @@ import torch
 from matplotlib.figure import Figure
 from torch import Tensor
 
-from lightning_landscape.callbacks._base import LossFn, MeasurementCallback, check_bool, check_positive_int
+from lightning_landscape.callbacks._base import LossFn, MeasurementCallback, check_bool
 from lightning_landscape.functional._params import ParamSpec
 from lightning_landscape.functional._random import gaussian
-from lightning_landscape.functional.surface import filter_normalize, loss_line, loss_surface
+from lightning_landscape.functional.surface import check_grid_args, filter_normalize, loss_line, loss_surface
 from lightning_landscape.plotting import line_figure, surface_figure
 
 
@@ -92,17 +92,7 @@ class LossLandscapeCallback(MeasurementCallback):
             seed=seed,
             strict=strict,
         )
-        for name, value in (("steps", steps), ("steps_1d", steps_1d)):
-            check_positive_int(name, value)
-            if value < 3 or value % 2 == 0:
-                raise ValueError(f"`{name}` must be an odd integer >= 3 (the middle point is θ itself), got {value}.")
-        if (
-            isinstance(distance, bool)
-            or not isinstance(distance, (int, float))
-            or not math.isfinite(distance)
-            or distance <= 0
-        ):
-            raise ValueError(f"`distance` must be a finite number > 0, got {distance!r}.")
+        check_grid_args(distance, steps=steps, steps_1d=steps_1d)
         self.steps = steps
         self.distance = float(distance)
         self.steps_1d = steps_1d

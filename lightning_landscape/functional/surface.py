@@ -36,6 +36,7 @@ from .hvp import LossFn, LossOperator, MeasurementError, is_out_of_memory
 __all__ = [
     "LineResult",
     "SurfaceResult",
+    "check_grid_args",
     "filter_normalize",
     "grid_coords",
     "loss_line",
@@ -211,7 +212,7 @@ def grid_coords(steps: int, distance: float) -> Tensor:
         >>> grid_coords(5, 1.0)
         tensor([-1.0000, -0.5000,  0.0000,  0.5000,  1.0000], dtype=torch.float64)
     """
-    _check_grid(steps, distance)
+    check_grid_args(distance, steps=steps)
     half = steps // 2
     return torch.arange(-half, half + 1, dtype=torch.float64) * (float(distance) / half)
 
@@ -417,9 +418,20 @@ def _scalar(loss: object) -> Tensor:
 
 
 # ---------------------------------------------------------------------------------------------- checks
-def _check_grid(steps: object, distance: object) -> None:
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 3 or steps % 2 == 0:
-        raise ValueError(f"`steps` must be an odd integer >= 3 (the middle point is θ itself), got {steps!r}.")
+def check_grid_args(distance: object, **steps: object) -> None:
+    """Raise a ``ValueError`` naming the argument unless each of ``steps`` (given by name) is an odd integer
+    >= 3 and ``distance`` a finite number > 0.
+
+    Example:
+        >>> check_grid_args(1.0, steps=11, steps_1d=21)
+        >>> check_grid_args(1.0, steps_1d=20)
+        Traceback (most recent call last):
+        ...
+        ValueError: `steps_1d` must be an odd integer >= 3 (the middle point is θ itself), got 20.
+    """
+    for name, value in steps.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 3 or value % 2 == 0:
+            raise ValueError(f"`{name}` must be an odd integer >= 3 (the middle point is θ itself), got {value!r}.")
     if (
         isinstance(distance, bool)
         or not isinstance(distance, (int, float))

@@ -149,8 +149,13 @@ class MeasurementCallback(Callback):
         self._budget: OverheadBudget | None = None
         self._restored_cost: float | None = None
         self._siblings: list[MeasurementCallback] = []
-        self._spent_seconds = 0.0  # in this fit: measuring, drawing, logging (read by budgeted siblings)
+        self._fixed_spent = 0.0  # with every_n_*: this fit's measuring, drawing, logging (the budget keeps its own)
         self._cost_estimate: float | None = None
+
+    @property
+    def _spent_seconds(self) -> float:
+        """Seconds this callback spent in this fit measuring, drawing and logging (read by budgeted siblings)."""
+        return self._budget.spent if self._budget is not None else self._fixed_spent
 
     @property
     def budgeted(self) -> bool:
@@ -253,7 +258,7 @@ class MeasurementCallback(Callback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._probe is None:
             self._probe = self._take_probe(trainer, pl_module)
-        self._spent_seconds = 0.0
+        self._fixed_spent = 0.0
         if self._budget is not None:
             self._budget.start(time.perf_counter(), trainer.global_step)
 
@@ -314,8 +319,7 @@ class MeasurementCallback(Callback):
             pass
         _synchronize(pl_module)
         seconds = time.perf_counter() - start
-        self._spent_seconds += seconds
-        if self._budget is not None:
+        if self._budget is not None:  # only the default schedule estimates
             self._budget.spent += seconds
         return seconds * self.work_in_gradients() + FIGURE_SECONDS * self.figures_per_measurement()
 
@@ -384,9 +388,10 @@ class MeasurementCallback(Callback):
             self._measure_and_log(trainer, pl_module, start)
         finally:
             end = time.perf_counter()
-            self._spent_seconds += end - start
             if self._budget is not None:
                 self._budget.measured(end, self._others_spent(), end - start)
+            else:
+                self._fixed_spent += end - start
 
     def _measure_and_log(self, trainer: pl.Trainer, pl_module: pl.LightningModule, start: float) -> None:
         error: BaseException | None = None

@@ -163,7 +163,7 @@ class SharpnessCallback(MeasurementCallback):
         self.rho = dict(rho) if isinstance(rho, Mapping) else float(rho)
         self.radii = radii
         self.specs = specs
-        self._tags = tuple(_tag(*s) for s in specs)
+        self._tags = tuple(tags)
         self.steps = steps
         self.samples = samples
         self.eta = float(eta)

@@ -22,14 +22,7 @@ from lightning_landscape.functional.surface import (
 )
 from lightning_landscape.plotting import figure_to_array, line_figure, surface_figure
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """The CPUs are shared: one intra-op thread keeps small forward passes fast and timings stable."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _half_squares(model: nn.Module, batch) -> torch.Tensor:

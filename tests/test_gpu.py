@@ -13,7 +13,7 @@ import pytest
 import pytorch_lightning as pl
 import torch
 from _lightning import DigitsModule, loaders, read_events, scalar_steps, trainer
-from _models import cross_entropy, dense_hessian, digits
+from _models import cross_entropy, dense_hessian, digits, digits_mlp
 from torch import nn
 
 from lightning_landscape import HessianCallback, LossLandscapeCallback, SharpnessCallback
@@ -30,15 +30,10 @@ def no_tf32():
     torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = previous
 
 
-def _mlp() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(64, 24), nn.Tanh(), nn.Linear(24, 10))
-
-
 @pytest.mark.parametrize("method", ["double_backward", "double_backward_batched", "forward_over_reverse", "auto"])
 def test_top_eigenvalues_on_cuda_match_the_dense_hessian(method):
     x, y = digits(256)
-    model = _mlp()
+    model = digits_mlp()
     exact = torch.linalg.eigvalsh(dense_hessian(copy.deepcopy(model).double(), cross_entropy, [(x.double(), y)]))
     gpu = model.cuda()
     result = LF.hessian_eigenvalues(gpu, cross_entropy, [(x.cuda(), y.cuda())], k=2, tol=1e-6, hvp_method=method)
@@ -70,34 +65,12 @@ def test_callbacks_in_a_cuda_fit_log_what_the_cpu_computes(tmp_path):
     assert scalar_steps(acc, "sharpness/worst_case_l2")[12] > 0
 
 
-class _BNDropout(pl.LightningModule):
-    def __init__(self) -> None:
-        super().__init__()
-        self.net = nn.Sequential(nn.Linear(64, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Dropout(0.3), nn.Linear(32, 10))
-
-    def training_step(self, batch, batch_idx):
-        return nn.functional.cross_entropy(self.net(batch[0]), batch[1])
-
-    def configure_optimizers(self):
-        return torch.optim.Adam(self.parameters(), lr=1e-2)
-
-
-def _fit_state(tmp_path, callbacks) -> dict[str, torch.Tensor]:
-    pl.seed_everything(0, verbose=False)
-    train, _ = loaders(n_train=192, batch_size=32, shuffle=True)
-    module = _BNDropout()
-    trainer(tmp_path, callbacks, accelerator="gpu", max_epochs=2, deterministic=True, logger=False).fit(module, train)
-    return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
-
-
 def test_training_on_cuda_is_bitwise_unchanged_by_the_callbacks(tmp_path):
-    cbs = [
-        HessianCallback(every_n_train_steps=2, top_k=2, trace=True, trace_hvps=9),
-        SharpnessCallback(every_n_train_steps=3, steps=3, samples=3),
-        LossLandscapeCallback(every_n_train_steps=3, steps=3, steps_1d=3),
-    ]
-    with_cbs = _fit_state(tmp_path, cbs)
-    without = _fit_state(tmp_path, [])
+    from test_nothing_lost import _all_callbacks, _fit
+
+    cbs = _all_callbacks()
+    with_cbs, _ = _fit(tmp_path, cbs, accelerator="gpu")
+    without, _ = _fit(tmp_path, [], accelerator="gpu")
     assert all(cb.last_metrics for cb in cbs)
     for key, value in without.items():
         assert torch.equal(with_cbs[key], value), key

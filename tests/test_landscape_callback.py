@@ -15,14 +15,7 @@ import lightning_landscape.callbacks.landscape as landscape_module
 from lightning_landscape.callbacks.landscape import LossLandscapeCallback
 from lightning_landscape.functional.surface import filter_normalize, loss_line, loss_surface
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """The CPUs are shared: one intra-op thread keeps small forward passes fast."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture

@@ -42,12 +42,12 @@ def _all_callbacks():
     ]
 
 
-def _fit(tmp_path, callbacks):
+def _fit(tmp_path, callbacks, accelerator="cpu"):
     pl.seed_everything(0, verbose=False)
     train, val = loaders(n_train=192, n_val=64, batch_size=32, shuffle=True)
     module = BNDropoutModule()
     trainer = pl.Trainer(
-        default_root_dir=tmp_path, accelerator="cpu", max_epochs=2, deterministic=True, logger=False,
+        default_root_dir=tmp_path, accelerator=accelerator, max_epochs=2, deterministic=True, logger=False,
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks,
         num_sanity_val_steps=0,
     )  # fmt: skip

@@ -511,3 +511,44 @@ def test_settings_through_lightning_cli(tmp_path):
         SAMDigits, run=False, save_config_callback=None, args=["--model.lr=0.3", "--model.sam=true", *common]
     )
     assert (cli.model.lr, cli.model.sam, cli.model.sam_rho) == (0.3, True, 0.05)
+
+
+def _aten_calls(fn) -> int:
+    """How many ATen operators ``fn()`` dispatches that compute (on a GPU, about how many kernels it
+    launches): detaching and allocating launch none."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        calls = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func not in (torch.ops.aten.detach.default, torch.ops.aten.empty_like.default):
+                Count.calls += 1
+            return func(*args, **(kwargs or {}))
+
+    with Count():
+        fn()
+    return Count.calls
+
+
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_ascent_step_launches_a_fixed_number_of_kernels(adaptive):
+    # SAM's step on a GPU is launch-bound for small models: the ascent must not cost one kernel per parameter.
+    from lightning_landscape.functional._perturbation import ascent_step
+
+    def calls(n: int) -> int:
+        grads = [torch.randn(3, 2) for _ in range(n)]
+        weights = [torch.randn(3, 2) for _ in range(n)]
+        return _aten_calls(lambda: ascent_step(grads, weights if adaptive else None, 0.1, adaptive=adaptive))
+
+    assert calls(40) == calls(4)
+
+
+def test_ascent_step_keeps_each_tensors_dtype():
+    from lightning_landscape.functional._perturbation import ascent_step
+
+    g = [torch.tensor([3.0]), torch.tensor([4.0], dtype=torch.float64), torch.tensor([0.0], dtype=torch.bfloat16)]
+    eps = ascent_step(g, None, rho=0.5)
+    assert [e.dtype for e in eps] == [torch.float32, torch.float64, torch.bfloat16]
+    assert [float(e) for e in eps] == pytest.approx([0.3, 0.4, 0.0], rel=1e-6)
+    assert all(e.data_ptr() != t.data_ptr() for e, t in zip(eps, g, strict=True))  # new tensors

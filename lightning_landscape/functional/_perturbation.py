@@ -57,7 +57,17 @@ def ascent_step(
     norms = torch._foreach_norm(scaled)
     total = torch.linalg.vector_norm(torch.stack([n.float() for n in norms]))
     factor = torch.where(total > 0, rho / total.clamp_min(torch.finfo(torch.float32).tiny), torch.zeros_like(total))
-    out = [s.clone() for s in scaled] if scales is None else torch._foreach_mul(scaled, scales)
-    for t in out:
-        t.mul_(factor.to(t.dtype))
-    return list(out)
+    out = list(scaled) if scales is None else torch._foreach_mul(scaled, scales)
+    return _times_scalar_tensor(out, factor)
+
+
+def _times_scalar_tensor(tensors: list[Tensor], factor: Tensor) -> list[Tensor]:
+    """``[t * factor for t in tensors]`` (new tensors, each in its own dtype) by one fused multiply per dtype."""
+    by_dtype: dict[torch.dtype, list[int]] = {}
+    for i, t in enumerate(tensors):
+        by_dtype.setdefault(t.dtype, []).append(i)
+    out = list(tensors)
+    for dtype, idx in by_dtype.items():
+        for i, product in zip(idx, torch._foreach_mul([tensors[i] for i in idx], factor.to(dtype)), strict=True):
+            out[i] = product
+    return out

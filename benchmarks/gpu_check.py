@@ -25,9 +25,9 @@ OVERHEAD = [PY, "benchmarks/overhead.py", *CUDA, "--epochs", "40"]
 PARTS = [
     ("tests", [PY, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_gpu.py", "-rA"], 120, 12),
     ("sam", [PY, "benchmarks/sam.py", *CUDA, "--steps", "200"], 60, 6),
-    ("overhead", [*OVERHEAD, "--repeats", "4"], 120, 6),
-    ("overhead_idle", [*OVERHEAD, "--repeats", "3", "--schedule", "idle"], 90, 6),
-    ("overhead_bare", [*OVERHEAD, "--repeats", "3", "--schedule", "bare"], 90, 6),
+    ("overhead", [*OVERHEAD, "--repeats", "4"], 120, 10),
+    ("overhead_idle", [*OVERHEAD, "--repeats", "4", "--schedule", "idle"], 120, 10),
+    ("overhead_bare", [*OVERHEAD, "--repeats", "4", "--schedule", "bare"], 120, 10),
     ("hessian", [PY, "benchmarks/hessian.py", *CUDA, "--quick", "--peers-path", "{peers}/hessian"], 60, 14),
     ("landscape", [PY, "benchmarks/landscape.py", *CUDA, "--quick", "--peers-path", "{peers}/landscape"], 50, 8),
 ]

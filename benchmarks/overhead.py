@@ -64,31 +64,42 @@ def _counting(cb: pl.Callback) -> list[int]:
 
 
 class _HookClock:
-    """Seconds spent in Lightning's dispatch of callback hooks (our measurements included), per fit.
+    """Seconds spent in Lightning's dispatch of callback hooks (our measurements included), per fit, and
+    when the training loop began (first ``on_train_batch_start``) and ended (``on_train_end``).
 
-    A share of one fit, so it does not move with the machine's load the way whole-fit times do.
+    A share of one fit, so it does not move with the machine's load the way whole-fit times do; the two
+    marks tell a one-time cost (before the first batch, after the last) from a per-step one.
     """
 
     def __init__(self) -> None:
-        self.seconds = 0.0
+        self.reset()
         self._dispatch = call._call_callback_hooks
 
-        def timed(*args, **kwargs):
+        def timed(trainer, hook_name, *args, **kwargs):
             start = time.perf_counter()
+            if hook_name == "on_train_batch_start" and self.loop_start is None:
+                self.loop_start = start
+            elif hook_name == "on_train_end":
+                self.loop_end = start
             try:
-                return self._dispatch(*args, **kwargs)
+                return self._dispatch(trainer, hook_name, *args, **kwargs)
             finally:
                 self.seconds += time.perf_counter() - start
 
         call._call_callback_hooks = timed
+
+    def reset(self) -> None:
+        self.seconds = 0.0
+        self.loop_start: float | None = None
+        self.loop_end: float | None = None
 
 
 HOOKS = _HookClock()
 
 
 def _fit(epochs: int, callbacks: list[pl.Callback], accelerator: str) -> tuple[float, float]:
-    """Wall seconds and this process's CPU seconds of one fit (and ``HOOKS.seconds`` for it)."""
-    HOOKS.seconds = 0.0
+    """Wall seconds and this process's CPU seconds of one fit (and ``HOOKS``' figures for it)."""
+    HOOKS.reset()
     pl.seed_everything(0, verbose=False)
     train, val = digits_loaders(1400, batch_size=32, seed=0)
     trainer = pl.Trainer(
@@ -98,7 +109,12 @@ def _fit(epochs: int, callbacks: list[pl.Callback], accelerator: str) -> tuple[f
     )  # fmt: skip
     start, cpu = time.perf_counter(), time.process_time()
     trainer.fit(DigitsCNN(), train, val)
-    return time.perf_counter() - start, time.process_time() - cpu
+    end = time.perf_counter()
+    PHASES.append((HOOKS.loop_start - start, HOOKS.loop_end - HOOKS.loop_start, end - HOOKS.loop_end))
+    return end - start, time.process_time() - cpu
+
+
+PHASES: list[tuple[float, float, float]] = []  # per fit: before the first batch, the loop, after it
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -123,12 +139,15 @@ def main(argv: list[str] | None = None) -> None:
     for callbacks in ([], _callbacks(args.schedule, args.every_n_train_steps)):  # untimed: one-time costs
         _fit(1, callbacks, args.device)
     off, on, off_cpu, on_cpu, counts, shares, hooks_off, hooks_on = [], [], [], [], [], [], [], []
+    phases_off: list[tuple[float, float, float]] = []
+    phases_on: list[tuple[float, float, float]] = []
     for repeat in range(args.repeats):
         for with_callbacks in (False, True) if repeat % 2 == 0 else (True, False):  # ABBA: drift cancels
             if not with_callbacks:
                 wall, cpu = _fit(args.epochs, [], args.device)
                 off.append(wall)
                 off_cpu.append(cpu)
+                phases_off.append(PHASES[-1])
                 hooks_off.append(HOOKS.seconds / wall)
                 continue
             cbs = _callbacks(args.schedule, args.every_n_train_steps)
@@ -136,6 +155,7 @@ def main(argv: list[str] | None = None) -> None:
             wall, cpu = _fit(args.epochs, cbs, args.device)
             on.append(wall)
             on_cpu.append(cpu)
+            phases_on.append(PHASES[-1])
             hooks_on.append((HOOKS.seconds - sum(getattr(cb, "_spent_seconds", 0.0) for cb in cbs)) / wall)
             counts.append({name: len(steps) for name, steps in measured.items()})
             shares.append(sum(getattr(cb, "_spent_seconds", 0.0) for cb in cbs) / on[-1])
@@ -153,6 +173,12 @@ def main(argv: list[str] | None = None) -> None:
     )
     c_off, c_on = statistics.median(off_cpu), statistics.median(on_cpu)
     print(f"process CPU time       {c_off:.2f} s without, {c_on:.2f} s with: {100 * (c_on / c_off - 1):+.1f}%")
+    steps = args.epochs * 44
+    for i, phase in enumerate(("before the first batch", "training loop", "after the loop")):
+        p_off = statistics.median(p[i] for p in phases_off)
+        p_on = statistics.median(p[i] for p in phases_on)
+        per_step = f" ({1e3 * p_off / steps:.3f} vs {1e3 * p_on / steps:.3f} ms/step)" if i == 1 else ""
+        print(f"{phase:<22} {p_off:.3f} s without, {p_on:.3f} s with: {p_on - p_off:+.3f} s{per_step}")
 
 
 if __name__ == "__main__":

@@ -57,3 +57,30 @@ class _Bound(nn.Module):
 
     def forward(self, *args, **kwargs):
         return functional_call(self.model, self.params, args, kwargs)
+
+
+class OnceSoftplus(torch.autograd.Function):
+    """softplus whose backward is marked ``@once_differentiable``: PyTorch's double backward through it
+    runs without error but treats its backward's output as a constant."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return nn.functional.softplus(x)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        return grad * torch.sigmoid(x)
+
+
+class SoftplusAct(nn.Module):
+    """softplus as a module: through :class:`OnceSoftplus` when ``once``, else PyTorch's own."""
+
+    def __init__(self, once: bool = True) -> None:
+        super().__init__()
+        self.once = once
+
+    def forward(self, x: Tensor) -> Tensor:
+        return OnceSoftplus.apply(x) if self.once else nn.functional.softplus(x)

@@ -7,7 +7,7 @@ import warnings
 import pytest
 import torch
 from _lightning import DigitsModule, loaders, trainer
-from _models import cross_entropy
+from _models import SoftplusAct, cross_entropy
 from torch import nn
 
 from lightning_landscape import HessianCallback, LossLandscapeCallback
@@ -125,6 +125,21 @@ def test_no_double_backward_auto_falls_back(tmp_path):
     assert not skipped
     assert cb._resolved_method == "finite_difference"
     assert cb.last_metrics["hessian/eigenvalue_1"] > 0
+
+
+@pytest.mark.parametrize("hvp_method", ["double_backward", "auto"])
+def test_once_differentiable_is_skipped_or_measured_by_finite_differences(tmp_path, hvp_method):
+    # PyTorch's double backward would give a wrong Hessian here without an error
+    model = nn.Sequential(nn.Linear(64, 16), SoftplusAct(), nn.Linear(16, 10))
+    cb = HessianCallback(every_n_train_steps=2, hvp_method=hvp_method)
+    module, skipped = _fit(tmp_path, cb, DigitsModule(model=model))
+    assert module.trainer.global_step == 6
+    if hvp_method == "double_backward":
+        assert len(skipped) == 1 and "OnceSoftplus (marked @once_differentiable)" in str(skipped[0].message)
+        assert not cb.last_metrics
+    else:
+        assert not skipped and cb._resolved_method == "finite_difference"
+        assert cb.last_metrics["hessian/eigenvalue_1"] > 0
 
 
 @pytest.mark.parametrize("name", sorted(CALLBACKS))

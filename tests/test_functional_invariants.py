@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _models import SoftplusAct
 from _state import assert_same, snapshot
 from torch import nn
 
@@ -242,3 +243,50 @@ def test_out_of_memory_retries_with_smaller_chunks(monkeypatch):
         monkeypatch.setattr(op, "_local_hvp", lambda *a, **k: (_ for _ in ()).throw(torch.OutOfMemoryError("x")))
         with pytest.raises(LF.MeasurementError, match="out of memory"):
             op.hvp(vectors)
+
+
+def _once_model(once: bool, on_input: bool = False) -> nn.Module:
+    torch.manual_seed(0)
+    layers = [nn.Linear(4, 5), SoftplusAct(once and not on_input), nn.Linear(5, 2)]
+    if on_input:  # the custom function sees only data: no parameter's derivative passes through it
+        layers.insert(0, SoftplusAct(once))
+    return nn.Sequential(*layers).double()
+
+
+def _once_batch():
+    g = torch.Generator().manual_seed(1)
+    return [(torch.randn(16, 4, generator=g, dtype=torch.float64), torch.randint(0, 2, (16,), generator=g))]
+
+
+def _ce(model, batch):
+    return nn.functional.cross_entropy(model(batch[0]), batch[1])
+
+
+def test_once_differentiable_is_refused_by_double_backward_and_auto_falls_back():
+    batches = _once_batch()
+    v = torch.randn(2, 37, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    exact = LF.hvp(_once_model(once=False), _ce, batches, v, hvp_method="double_backward")
+    model = _once_model(once=True)
+    # what PyTorch alone gives: no error, a wrong product (the check below is what stands in the way)
+    params = list(model.parameters())
+    grads = torch.autograd.grad(_ce(model, batches[0]), params, create_graph=True)
+    silent = torch.cat([h.reshape(-1) for h in torch.autograd.grad(grads, params, LF.ParamSpec(model).split(v[0]))])
+    assert (silent - exact[0]).norm() > 0.1 * exact[0].norm()
+    for method in ("double_backward", "double_backward_batched"):
+        with pytest.raises(LF.MeasurementError, match=r"OnceSoftplus \(marked @once_differentiable\)"):
+            LF.hvp(model, _ce, batches, v, hvp_method=method)
+    with LF.LossOperator(model, _ce, batches) as op:
+        got = op.hvp(v)
+        assert op.method == "finite_difference"
+    # central differences in float64 at h ~ eps^(1/3)/8: errors far below 1e-6
+    assert (got - exact).norm() < 1e-6 * exact.norm()
+
+
+def test_once_differentiable_on_the_data_alone_is_not_refused():
+    batches = _once_batch()
+    v = torch.randn(2, 37, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    exact = LF.hvp(_once_model(once=False, on_input=True), _ce, batches, v, hvp_method="double_backward")
+    with LF.LossOperator(_once_model(once=True, on_input=True), _ce, batches) as op:
+        got = op.hvp(v)
+        assert op.method == "double_backward"
+    assert (got - exact).norm() < 1e-12 * exact.norm()

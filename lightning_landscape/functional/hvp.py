@@ -68,6 +68,38 @@ class _LossModule(nn.Module):
         return self.loss_fn(self.model, batch)
 
 
+#: the code of every ``@once_differentiable`` wrapper (one function body wraps them all)
+_ONCE_DIFFERENTIABLE_CODE = torch.autograd.function.once_differentiable(lambda ctx: None).__code__
+
+
+def once_differentiable_functions(output: Tensor) -> list[str]:
+    """Names of the custom autograd functions marked ``@once_differentiable`` in ``output``'s graph.
+
+    A double backward through one of them runs without an error but treats its backward's result as a
+    constant, dropping its part of every Hessian-vector product. Only functions on a path to a tensor
+    that requires grad are in the graph, so one applied to the data alone is not reported.
+
+    Example:
+        >>> x = torch.ones(2, requires_grad=True)
+        >>> once_differentiable_functions(torch.nn.functional.softplus(x).sum())
+        []
+    """
+    found: list[str] = []
+    seen: set[Any] = set()
+    stack = [output.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        cls = getattr(node, "_forward_cls", None)  # set on the nodes of Python autograd functions
+        backward = getattr(cls, "backward", None)
+        if getattr(backward, "__code__", None) is _ONCE_DIFFERENTIABLE_CODE and cls.__name__ not in found:
+            found.append(cls.__name__)
+        stack.extend(child for child, _ in node.next_functions)
+    return found
+
+
 def _math_attention() -> contextlib.AbstractContextManager:
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -395,6 +427,12 @@ class LossOperator:
             return self._graphs[key]
         point = [t.detach().requires_grad_(True) for t in self.spec.tensors()]
         loss = self._batch_loss(point, batch)
+        once = once_differentiable_functions(loss)
+        if once:
+            raise MeasurementError(
+                f"double backward would silently drop the second derivative through {', '.join(once)} "
+                "(marked @once_differentiable); use hvp_method='finite_difference' (or 'auto', which falls back to it)."
+            )
         grads = torch.autograd.grad(loss, point, create_graph=True, allow_unused=True, materialize_grads=True)
         live = [i for i, g in enumerate(grads) if g.requires_grad]
         graph = (point, live, [grads[i] for i in live])

@@ -124,6 +124,15 @@ def timed(fn: Callable[[], Any], device: torch.device, repeats: int, warmup: int
     return out, statistics.median(times)
 
 
+def set_threads(threads: int | None, device: torch.device) -> None:
+    """torch's CPU threads: ``threads``, or by default (``None``) 1 on a CPU device (tiny models, robust to a
+    busy machine) and torch's own on a GPU; 0 keeps torch's own."""
+    if threads is None:
+        threads = 1 if device.type == "cpu" else 0
+    if threads > 0:
+        torch.set_num_threads(threads)
+
+
 def machine_info(device: torch.device) -> str:
     """Date, versions, device (with its TF32 settings on CUDA), CPUs and load: the header line of a benchmark."""
     load = ""

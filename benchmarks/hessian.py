@@ -38,7 +38,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from _bench_models import CRITERION, digits_net, load_digits, loss_fn, machine_info, timed, train_sgd
+from _bench_models import CRITERION, digits_net, load_digits, loss_fn, machine_info, set_threads, timed, train_sgd
 from torch import Tensor, nn
 
 from lightning_landscape import functional as LF
@@ -497,6 +497,11 @@ def hvp_cost_section(ctx: dict[str, Any], peers: Peers, args: argparse.Namespace
         return torch.autograd.grad(loss_fn(model, batch), params)
 
     _, t_grad = timed(plain_gradient, device, reps, warmup=2)
+
+    def cost_row(label: str, t_k: float, t_1: float) -> list[str]:
+        """Seconds per vector of ``k`` batched and of one alone, and each over one plain gradient."""
+        return [label, fmt_time(t_k / k), f"{t_k / k / t_grad:.2f}", fmt_time(t_1), f"{t_1 / t_grad:.2f}"]
+
     header = ["HVP method", f"per HVP, {k} batched", "x gradient", "per HVP, k=1", "x gradient"]
     rows = [["plain autograd gradient (baseline)", fmt_time(t_grad), "1.00", "", ""]]
     notes: list[str] = []
@@ -509,7 +514,7 @@ def hvp_cost_section(ctx: dict[str, Any], peers: Peers, args: argparse.Namespace
                 _, t_k = timed(lambda op=op: op.hvp(vectors), device, reps, warmup=2)
                 _, t_1 = timed(lambda op=op: op.hvp(vectors[:1]), device, reps, warmup=2)
                 label = f"ours {method}" + (f" (-> {op.method})" if method == "auto" else "")
-            rows.append([label, fmt_time(t_k / k), f"{t_k / k / t_grad:.2f}", fmt_time(t_1), f"{t_1 / t_grad:.2f}"])
+            rows.append(cost_row(label, t_k, t_1))
         except Exception as err:
             rows.append([f"ours {method}", "ERROR: " + short(err, 50), "-", "-", "-"])
             notes.append(f"ours {method} failed: {type(err).__name__}: {err}")
@@ -523,15 +528,7 @@ def hvp_cost_section(ctx: dict[str, Any], peers: Peers, args: argparse.Namespace
             ]
             _, t_k = timed(lambda: [hvp_fn(ph.gradsH, ph.params, v) for v in vs], device, reps, warmup=2)
             _, t_1 = timed(lambda: hvp_fn(ph.gradsH, ph.params, vs[0]), device, reps, warmup=2)
-            rows.append(
-                [
-                    "PyHessian (graph re-used, sequential)",
-                    fmt_time(t_k / k),
-                    f"{t_k / k / t_grad:.2f}",
-                    fmt_time(t_1),
-                    f"{t_1 / t_grad:.2f}",
-                ]
-            )
+            rows.append(cost_row("PyHessian (graph re-used, sequential)", t_k, t_1))
         except Exception as err:
             rows.append(["PyHessian", "ERROR: " + short(err, 50), "-", "-", "-"])
     if peers.eigenthings is not None:
@@ -539,15 +536,7 @@ def hvp_cost_section(ctx: dict[str, Any], peers: Peers, args: argparse.Namespace
             op, _ = eigenthings_operator(peers, model, batches)
             _, t_k = timed(lambda: [op.matvec(v) for v in vectors], device, reps, warmup=2)
             _, t_1 = timed(lambda: op.matvec(vectors[0]), device, reps, warmup=2)
-            rows.append(
-                [
-                    "eigenthings autograd (sequential)",
-                    fmt_time(t_k / k),
-                    f"{t_k / k / t_grad:.2f}",
-                    fmt_time(t_1),
-                    f"{t_1 / t_grad:.2f}",
-                ]
-            )
+            rows.append(cost_row("eigenthings autograd (sequential)", t_k, t_1))
         except Exception as err:
             rows.append(["eigenthings", "ERROR: " + short(err, 50), "-", "-", "-"])
     notes += [
@@ -564,9 +553,7 @@ def hvp_cost_section(ctx: dict[str, Any], peers: Peers, args: argparse.Namespace
 def main() -> None:
     args = parse_args()
     device = torch.device(args.device)
-    threads = args.threads if args.threads is not None else (1 if device.type == "cpu" else 0)
-    if threads > 0:
-        torch.set_num_threads(threads)
+    set_threads(args.threads, device)
     torch.manual_seed(args.seed)
     peers = Peers(args.peers_path)
 

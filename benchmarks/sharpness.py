@@ -54,7 +54,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from _bench_models import digits_net, load_digits, loss_fn, machine_info, timed, train_sgd
+from _bench_models import digits_net, load_digits, loss_fn, machine_info, set_threads, timed, train_sgd
 from torch import Tensor, nn
 from torch.func import functional_call
 
@@ -623,9 +623,7 @@ def average_case_section(
 def main() -> None:
     args = parse_args()
     device = torch.device(args.device)
-    threads = args.threads if args.threads is not None else (1 if device.type == "cpu" else 0)
-    if threads > 0:
-        torch.set_num_threads(threads)
+    set_threads(args.threads, device)
     if args.no_tf32:
         torch.backends.cudnn.allow_tf32 = False
         torch.backends.cuda.matmul.allow_tf32 = False

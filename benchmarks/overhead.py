@@ -5,6 +5,7 @@
     python benchmarks/overhead.py --schedule steps --every-n-train-steps 100
     python benchmarks/overhead.py --schedule idle         # attached, (almost) never measuring: the hooks' cost
     python benchmarks/overhead.py --schedule bare         # three empty pl.Callback(): what any callback costs
+    python benchmarks/overhead.py --model mlp --schedule idle   # a ~1 ms-step MLP: the hooks' cost at its largest
 
 Runs the quickstart's CNN on digits (examples/quickstart.py) for ``--epochs`` epochs, alternating fits
 without and with the three callbacks, ``--repeats`` times each, and prints the median wall times, their
@@ -97,6 +98,31 @@ class _HookClock:
 HOOKS = _HookClock()
 
 
+class DigitsMLP(pl.LightningModule):
+    """A 64-32-10 MLP on the same data: steps of about 1 ms, where a callback's per-step cost shows most."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = torch.nn.Sequential(
+            torch.nn.Flatten(), torch.nn.Linear(64, 32), torch.nn.Tanh(), torch.nn.Linear(32, 10)
+        )
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return torch.nn.functional.cross_entropy(self.net(x), y)
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        return torch.nn.functional.cross_entropy(self.net(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+MODELS = {"cnn": DigitsCNN, "mlp": DigitsMLP}
+MODEL = "cnn"
+
+
 def _fit(epochs: int, callbacks: list[pl.Callback], accelerator: str) -> tuple[float, float]:
     """Wall seconds and this process's CPU seconds of one fit (and ``HOOKS``' figures for it)."""
     HOOKS.reset()
@@ -108,7 +134,7 @@ def _fit(epochs: int, callbacks: list[pl.Callback], accelerator: str) -> tuple[f
         devices=1,
     )  # fmt: skip
     start, cpu = time.perf_counter(), time.process_time()
-    trainer.fit(DigitsCNN(), train, val)
+    trainer.fit(MODELS[MODEL](), train, val)
     end = time.perf_counter()
     PHASES.append((HOOKS.loop_start - start, HOOKS.loop_end - HOOKS.loop_start, end - HOOKS.loop_end))
     return end - start, time.process_time() - cpu
@@ -125,7 +151,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--threads", type=int, default=1, help="torch threads on the CPU (0: torch's default)")
+    parser.add_argument("--model", choices=tuple(MODELS), default="cnn", help="cnn: the quickstart's; mlp: ~1 ms steps")
     args = parser.parse_args(argv)
+    global MODEL
+    MODEL = args.model
     warnings.filterwarnings("ignore")
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -135,7 +164,8 @@ def main(argv: list[str] | None = None) -> None:
         f"device {device}; torch {torch.__version__}; pytorch-lightning {pl.__version__}; {os.cpu_count()} CPUs, "
         f"{torch.get_num_threads()} threads; load average {os.getloadavg()[0]:.2f}"
     )
-    print(f"quickstart CNN, {args.epochs} epochs ({args.epochs * 44} steps), schedule: {args.schedule}")
+    name = "quickstart CNN" if args.model == "cnn" else "digits MLP"
+    print(f"{name}, {args.epochs} epochs ({args.epochs * 44} steps), schedule: {args.schedule}")
     for callbacks in ([], _callbacks(args.schedule, args.every_n_train_steps)):  # untimed: one-time costs
         _fit(1, callbacks, args.device)
     off, on, off_cpu, on_cpu, counts, shares, hooks_off, hooks_on = [], [], [], [], [], [], [], []

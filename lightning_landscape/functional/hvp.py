@@ -201,6 +201,10 @@ class LossOperator:
         self._auto = hvp_method == "auto"
         self._blocks_batched: bool | None = None
 
+    def parameter_vector(self) -> Tensor:
+        """The measured parameters as one flat vector (a copy) in the operator's compute dtype :attr:`dtype`."""
+        return self.spec.parameter_vector().to(self.dtype)
+
     # ------------------------------------------------------------------ context
     def __enter__(self) -> LossOperator:
         modes = [(m, m.training) for m in self.model.modules()]

@@ -109,11 +109,12 @@ def test_one_forward_pass_per_point_and_batch():
         calls.append(1)
         return _half_squares(m, b)
 
+    # plus one forward pass (with grad, on the first batch) that checks the loss reads the substituted parameters
     loss_surface(model, counting, batches, steps=21)
-    assert len(calls) == 21 * 21 * len(batches)
+    assert len(calls) == 21 * 21 * len(batches) + 1
     calls.clear()
     loss_line(model, counting, batches, steps=41)
-    assert len(calls) == 41 * len(batches)
+    assert len(calls) == 41 * len(batches) + 1
 
 
 # ---------------------------------------------------------------------------------------------- directions
@@ -368,5 +369,6 @@ def test_out_of_memory_splits_the_batch():
 
     got = loss_surface(net, limited, [(x, y)], steps=3, generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(got.losses, reference.losses, rtol=1e-6, atol=0)
-    assert sizes[:4] == [60, 30, 15, 15]  # 60 -> halves of 30 -> quarters of 15, then kept
-    assert max(sizes[7:]) == 15
+    assert sizes[:3] == [60, 30, 15]  # the substitution check's one forward pass, halved until it fits
+    assert sizes[3:7] == [60, 30, 15, 15]  # 60 -> halves of 30 -> quarters of 15, then kept
+    assert max(sizes[10:]) == 15

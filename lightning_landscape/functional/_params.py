@@ -12,7 +12,7 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import Tensor, nn
 
-__all__ = ["ParamSpec", "select_parameters"]
+__all__ = ["ParamSpec", "compute_dtype", "select_parameters"]
 
 
 class ParamSpec:
@@ -47,6 +47,7 @@ class ParamSpec:
 
     def flatten(self, tensors: Sequence[Tensor]) -> Tensor:
         """Concatenate per-parameter tensors (optionally with a leading batch dim) into one vector."""
+        tensors = [t.to_dense() if t.layout != torch.strided else t for t in tensors]  # sparse embedding gradients
         lead = tensors[0].shape[: tensors[0].dim() - len(self.shapes[0])]
         return torch.cat([t.reshape(*lead, -1) for t in tensors], dim=-1)
 
@@ -63,6 +64,16 @@ class ParamSpec:
     def parameter_vector(self) -> Tensor:
         """The selected parameters as one detached flat vector (a copy)."""
         return self.flatten(self.tensors()).clone()
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype measurements compute in for parameters of ``dtype``: float32 for half precision, else ``dtype``.
+
+    Example:
+        >>> compute_dtype(torch.bfloat16), compute_dtype(torch.float64)
+        (torch.float32, torch.float64)
+    """
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
 def select_parameters(model: nn.Module, params: Iterable[Tensor | str] | None = None) -> list[str]:

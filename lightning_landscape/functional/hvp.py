@@ -14,17 +14,18 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable, Sequence
+import warnings
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from ._batches import apply_to_tensors, batch_size, clone_if_inference
-from ._params import ParamSpec
+from ._batches import apply_to_tensors, batch_size, clone_if_inference, split_batch
+from ._params import ParamSpec, compute_dtype
 
-__all__ = ["HVP_METHODS", "LossFn", "LossOperator", "MeasurementError", "hvp"]
+__all__ = ["HVP_METHODS", "LossFn", "LossOperator", "MeasurementError", "hvp", "leaked_parameters"]
 
 LossFn = Callable[[nn.Module, Any], Tensor]
 ReduceFn = Callable[[Tensor], Tensor]
@@ -49,7 +50,9 @@ class MeasurementError(RuntimeError):
 
 
 class _OutOfMemory(RuntimeError):
-    """Every failing process ran out of memory: retry with fewer vectors at a time."""
+    """Every failing process ran out of memory: retry with fewer vectors (or samples) at a time.
+
+    Carries the allocator's message, so that a final failure still says what ran out and where."""
 
 
 def is_out_of_memory(err: BaseException) -> bool:
@@ -72,6 +75,42 @@ class _LossModule(nn.Module):
 _ONCE_DIFFERENTIABLE_CODE = torch.autograd.function.once_differentiable(lambda ctx: None).__code__
 
 
+def _graph_nodes(output: Tensor) -> Iterator[Any]:
+    """Every autograd node on a path from ``output`` back to its leaves, each once."""
+    seen: set[Any] = set()
+    stack = [output.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        yield node
+        stack.extend(child for child, _ in node.next_functions)
+
+
+def leaked_parameters(output: Tensor, model: nn.Module) -> list[str]:
+    """Names of ``model``'s own parameters that are leaves of ``output``'s graph.
+
+    Under :func:`torch.func.functional_call` every parameter the loss reads through the module's attributes is
+    replaced by the tensor given for it; a parameter that still shows up as a leaf was read another way (a
+    Python list built in ``__init__``, a cached attribute), so perturbing and differentiating "the parameters"
+    would miss it and measure a different function.
+
+    Example:
+        >>> net = torch.nn.Linear(2, 1)
+        >>> substituted = {"weight": torch.ones(1, 2, requires_grad=True), "bias": net.bias}   # bias: the module's own
+        >>> leaked_parameters(functional_call(net, substituted, (torch.ones(2),)).sum(), net)
+        ['bias']
+    """
+    names = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
+    found: list[str] = []
+    for node in _graph_nodes(output):
+        variable = getattr(node, "variable", None)  # AccumulateGrad nodes hold their leaf
+        if variable is not None and id(variable) in names and names[id(variable)] not in found:
+            found.append(names[id(variable)])
+    return found
+
+
 def once_differentiable_functions(output: Tensor) -> list[str]:
     """Names of the custom autograd functions marked ``@once_differentiable`` in ``output``'s graph.
 
@@ -85,18 +124,11 @@ def once_differentiable_functions(output: Tensor) -> list[str]:
         []
     """
     found: list[str] = []
-    seen: set[Any] = set()
-    stack = [output.grad_fn]
-    while stack:
-        node = stack.pop()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
+    for node in _graph_nodes(output):
         cls = getattr(node, "_forward_cls", None)  # set on the nodes of Python autograd functions
         backward = getattr(cls, "backward", None)
         if getattr(backward, "__code__", None) is _ONCE_DIFFERENTIABLE_CODE and cls.__name__ not in found:
             found.append(cls.__name__)
-        stack.extend(child for child, _ in node.next_functions)
     return found
 
 
@@ -111,7 +143,24 @@ class LossOperator:
 
     Use it as a context manager: on entry the module is put in eval mode (unless
     ``eval_mode=False``), autocast is switched off and grad enabled (also under
-    ``inference_mode``); on exit the module's mode is restored exactly.
+    ``inference_mode``), sparse embeddings give dense gradients; on exit all of that is restored exactly.
+
+    Checks that keep a number from being silently wrong (each once per operator):
+
+    - **substitution**: the first graph built (or, before a loss-only evaluation, one forward pass on the first
+      batch) is searched for the module's own parameters as leaves: a loss that reads a parameter through a
+      Python list or a cached attribute bypasses ``functional_call``, and is refused with
+      :class:`MeasurementError` naming the parameter;
+    - **the exact product** (``validate=True``): at the first product, ``u·Hv = v·Hu`` for two random vectors and
+      ``Hv`` against central finite differences of true gradients at two step sizes (the comparison counts only
+      where the two finite differences agree with each other, so the kinks of ReLU networks cannot trigger it).
+      Some PyTorch ops' double backward runs without an error and gives a wrong product
+      (``parametrizations.weight_norm`` is one). Under ``auto`` a failed check switches to finite differences;
+      an explicitly chosen method that fails it warns once. :attr:`product_check` says what was found.
+
+    Half-precision parameters (``bfloat16``/``float16``, as under ``bf16-true``/``16-true`` training) are measured
+    in float32: the operator substitutes float32 copies of the parameters, buffers and floating inputs, so
+    :attr:`dtype` is float32 and results agree with a float32 model holding the same weights.
 
     Args:
         model: the module; its weights are never written.
@@ -125,17 +174,20 @@ class LossOperator:
         reduce_fn: sums a tensor across processes (identity when ``None``); every process
             must call the operator in the same order.
         chunk_size: the most vectors pushed through one batched product (memory bound). On running
-            out of memory the chunk is halved and the product retried, down to one vector.
+            out of memory the chunk is halved and the product retried, down to one vector; then the probe
+            batches are split into halves, quarters, … (losses and gradients do the same).
         cache_graph: keep each batch's gradient graph (``create_graph=True``) for the operator's lifetime,
             so a double-backward product costs one backward pass instead of a forward and two backward
             passes (PyHessian does this for one batch). Costs the graphs' memory; dropped on running out
             of memory.
         auto_method: with ``hvp_method="auto"``, the method an earlier operator on the same model chose
-            (its :attr:`method`): skips choosing again and keeps ``auto``'s batching of blocks.
+            (its :attr:`method`): skips choosing (and checking) again and keeps ``auto``'s batching of blocks.
         fd_step: relative size of the central finite-difference step (default ``eps^(1/3) / 8`` of the
             dtype, ~6e-4 in float32), scaled by ``(1 + rms(θ)) / rms(v)``. Finite differences see the
             kinks of ReLU-like activations, which the autograd Hessian ignores: on such models they
             measure a different (smoothed) curvature.
+        validate: check the exact product once, at the first product (see above). Callers that already
+            checked the same model and method (the callbacks, after their first measurement) pass ``False``.
 
     Example:
         >>> model = torch.nn.Linear(3, 1)
@@ -143,8 +195,8 @@ class LossOperator:
         >>> batches = [(torch.randn(8, 3), torch.randn(8, 1))]
         >>> with LossOperator(model, loss_fn, batches) as op:
         ...     hv = op.hvp(torch.ones(1, op.spec.numel))
-        >>> hv.shape
-        torch.Size([1, 4])
+        >>> hv.shape, op.product_check.startswith("passed")
+        (torch.Size([1, 4]), True)
     """
 
     def __init__(
@@ -161,6 +213,7 @@ class LossOperator:
         fd_step: float | None = None,
         cache_graph: bool = True,
         auto_method: str | None = None,
+        validate: bool = True,
     ) -> None:
         if not callable(loss_fn):
             raise TypeError(f"`loss_fn` must be callable as loss_fn(model, batch), got {type(loss_fn).__name__}.")
@@ -175,8 +228,11 @@ class LossOperator:
             raise ValueError("`batches` must hold at least one batch.")
         self.model = model
         self.spec = ParamSpec(model, params)
+        #: the dtype every quantity is computed in: the parameters', but float32 for half-precision parameters
+        self.dtype = compute_dtype(self.spec.dtype)
+        self._upcast = self.dtype != self.spec.dtype
         with torch.inference_mode(False):  # clones made under inference mode would be inference tensors
-            self.batches = [apply_to_tensors(b, clone_if_inference) for b in batches]
+            self.batches = [apply_to_tensors(b, self._input) for b in batches]
         self.reduce_fn = reduce_fn
         self.eval_mode = eval_mode
         self.chunk_size = chunk_size
@@ -184,33 +240,55 @@ class LossOperator:
         self.cache_graph = cache_graph
         #: products spent choosing the method (``hvp_method="auto"``): one, on the first batch
         self.probe_hvps = 0
-        self._graphs: dict[int, tuple[list[Tensor], list[int], list[Tensor]]] = {}
+        #: product-equivalents spent checking the exact product (``validate``): about four, once
+        self.check_hvps = 0
+        #: what the exact-product check found ("" until it ran, or when ``validate=False``)
+        self.product_check = ""
+        #: whether that check failed (the chosen exact method disagreed with finite differences or itself)
+        self.product_check_failed = False
+        self._validate = validate
+        self._graphs: dict[tuple[int, int], tuple[list[Tensor], list[int], list[Tensor]]] = {}
         self.size = self.spec.numel
-        self.dtype = self.spec.dtype
         self.device = self.spec.device
         self._wrapper = _LossModule(model, loss_fn)
         self._selected = set(self.spec.names)
         self._local_counts = [batch_size(b) for b in self.batches]
         self._total: float | None = None
-        self._mode_stack: list[list[tuple[nn.Module, bool]]] = []
+        self._pieces = 1  # each probe batch is evaluated in this many parts (grows on running out of memory)
+        self._substitution_checked = False
+        self._saved: list[tuple[list[tuple[nn.Module, bool]], list[tuple[nn.Module, bool]]]] = []
         self._ctx: list[contextlib.ExitStack] = []
         base, _, backend = (auto_method or hvp_method).partition("+")
         self.hvp_method = hvp_method
         self._method: tuple[str, bool] | None = None if base == "auto" else (base, backend == "math_sdpa")
+        if auto_method is not None:
+            self._validate = False  # an earlier operator chose (and checked) it
         # with "auto", blocks of vectors go through one batched double backward unless that fails once
         self._auto = hvp_method == "auto"
         self._blocks_batched: bool | None = None
+
+    def _input(self, t: Tensor) -> Tensor:
+        t = clone_if_inference(t)
+        return t.to(self.dtype) if self._upcast and t.is_floating_point() else t
 
     def parameter_vector(self) -> Tensor:
         """The measured parameters as one flat vector (a copy) in the operator's compute dtype :attr:`dtype`."""
         return self.spec.parameter_vector().to(self.dtype)
 
+    def base_tensors(self) -> list[Tensor]:
+        """The measured parameters' current values in :attr:`dtype` (views, or float32 copies of half ones)."""
+        base = self.spec.tensors()
+        return [t.to(self.dtype) for t in base] if self._upcast else base
+
     # ------------------------------------------------------------------ context
     def __enter__(self) -> LossOperator:
         modes = [(m, m.training) for m in self.model.modules()]
-        self._mode_stack.append(modes)
+        sparse = [(m, m.sparse) for m in self.model.modules() if getattr(m, "sparse", False) is True]
+        self._saved.append((modes, sparse))
         if self.eval_mode:
             self.model.eval()
+        for m, _ in sparse:  # nn.Embedding(sparse=True): dense gradients within the measurement
+            m.sparse = False
         stack = contextlib.ExitStack()
         # a forward in train mode (dropout) draws from the global RNG: measurements leave it as it was
         device = self.spec.device
@@ -228,8 +306,11 @@ class LossOperator:
     def __exit__(self, *exc: object) -> None:
         self._graphs.clear()
         self._ctx.pop().close()
-        for module, training in self._mode_stack.pop():
+        modes, sparse = self._saved.pop()
+        for module, training in modes:
             module.training = training
+        for module, value in sparse:
+            module.sparse = value
 
     # ------------------------------------------------------------------ reduction
     def _reduce(self, local: Tensor, failure: BaseException | None = None) -> Tensor:
@@ -241,7 +322,7 @@ class LossOperator:
         """
         if self.reduce_fn is None:
             if failure is not None and is_out_of_memory(failure):
-                raise _OutOfMemory() from failure
+                raise _OutOfMemory(_message(failure)) from failure
             if failure is not None:
                 raise failure
             return local
@@ -250,9 +331,10 @@ class LossOperator:
         packed = self.reduce_fn(torch.cat([local.reshape(-1), flag]))
         failed, oom = packed[-2:].tolist()
         if failed > 0 and failed == oom:
-            raise _OutOfMemory() from failure
+            raise _OutOfMemory(_message(failure) if failure is not None else "out of memory on another process")
         if failure is not None or failed > 0:
-            raise MeasurementError("the measurement failed on at least one process") from failure
+            reason = f": {type(failure).__name__}: {failure}" if failure is not None else ""
+            raise MeasurementError(f"the measurement failed on at least one process{reason}") from failure
         return packed[:-2].reshape(local.shape)
 
     def _collective(self, compute: Callable[[], Tensor], shape: Sequence[int]) -> Tensor:
@@ -261,8 +343,27 @@ class LossOperator:
         except Exception as err:
             if self.reduce_fn is None and not is_out_of_memory(err):
                 raise
-            local, failure = torch.zeros(shape, dtype=self.spec.dtype, device=self.spec.device), err
+            local, failure = torch.zeros(shape, dtype=self.dtype, device=self.spec.device), err
         return self._reduce(local, failure)
+
+    def _split_on_oom(self, compute: Callable[[], Tensor], shape: Sequence[int]) -> Tensor:
+        """``_collective(compute)``, retried with the probe batches split in twice as many parts on running out
+        of memory (every process together), until one sample at a time."""
+        while True:
+            try:
+                return self._collective(compute, shape)
+            except _OutOfMemory as err:
+                self._more_pieces(err)
+
+    def _more_pieces(self, err: _OutOfMemory) -> None:
+        if self._pieces >= max(self._local_counts):
+            raise MeasurementError(
+                f"out of memory even with the probe batches split into single samples ({err})"
+            ) from None
+        self._pieces *= 2
+        self._graphs.clear()
+        if self.spec.device.type == "cuda":
+            torch.cuda.empty_cache()
 
     @property
     def total_samples(self) -> float:
@@ -272,20 +373,32 @@ class LossOperator:
             self._total = float(self._reduce(local).item())
         return self._total
 
-    def _weights(self) -> list[float]:
+    def _parts(self, batches: Sequence[Any] | None = None) -> list[tuple[float, Any]]:
+        """``(weight, part)`` for every part of every probe batch (``batches``: others, weighted equally)."""
+        if batches is not None:
+            return [(1.0 / len(batches), b) for b in batches]
         total = self.total_samples
-        return [n / total for n in self._local_counts]
+        out = []
+        for b in self.batches:
+            for part in split_batch(b, self._pieces) if self._pieces > 1 else [b]:
+                out.append((batch_size(part) / total, part))
+        return out
 
     # ------------------------------------------------------------------ evaluation
     def _param_dict(self, selected: Sequence[Tensor]) -> dict[str, Tensor]:
-        """Selected parameters as given, the others detached, buffers copied in train mode."""
+        """Selected parameters as given, the others detached, buffers copied in train mode (cast when upcasting)."""
         tensors = dict(zip(self.spec.names, selected, strict=False))
         out = {}
         for name, p in self.model.named_parameters():
-            out["model." + name] = tensors[name] if name in self._selected else p.detach()
-        if not self.eval_mode:
+            out["model." + name] = tensors[name] if name in self._selected else self._input(p.detach())
+        if not self.eval_mode or self._upcast:  # train mode updates buffers in place: give it copies
             for name, b in self.model.named_buffers():
-                out["model." + name] = b.clone()
+                t = b.detach()
+                if self._upcast and t.is_floating_point():
+                    t = t.to(self.dtype)
+                elif not self.eval_mode:
+                    t = t.clone()
+                out["model." + name] = t
         return out
 
     def _batch_loss(self, selected: Sequence[Tensor], batch: Any) -> Tensor:
@@ -295,8 +408,39 @@ class LossOperator:
             raise ValueError(f"`loss_fn` must return a scalar tensor, got {shape}.")
         return loss.reshape(())
 
+    def _check_graph(self, loss: Tensor) -> None:
+        """Refuse a loss that reads the module's parameters around ``functional_call`` (once per operator)."""
+        if self._substitution_checked:
+            return
+        leaked = leaked_parameters(loss, self.model)
+        self._substitution_checked = True
+        if leaked:
+            self._substitution_checked = False
+            raise MeasurementError(
+                f"the loss reads the parameter(s) {', '.join(leaked)} without going through the module's attributes "
+                "(e.g. a Python list or a cached attribute built in __init__), so they cannot be perturbed or "
+                "differentiated: every measurement would be of another function. Read them as module attributes "
+                "inside forward/training_step (e.g. `[self.a.weight, ...]` built there, or `self.parameters()`)."
+            )
+
+    def check_substitution(self) -> None:
+        """Run the substitution check now (one forward pass with grad on the first probe batch), if not yet run."""
+        if self._substitution_checked:
+            return
+        first, pieces = self.batches[0], self._pieces
+        while True:  # on running out of memory, on a half of the batch, a quarter, ...
+            try:
+                part = split_batch(first, pieces)[0] if pieces > 1 else first
+                point = [t.detach().requires_grad_(True) for t in self.base_tensors()]
+                self._check_graph(self._batch_loss(point, part))
+                return
+            except Exception as err:
+                if not is_out_of_memory(err) or pieces >= batch_size(first):
+                    raise
+                pieces *= 2
+
     def _shifted(self, delta: Tensor | None) -> list[Tensor]:
-        base = self.spec.tensors()
+        base = self.base_tensors()
         if delta is None:
             return base
         return [b + d.to(b.dtype) for b, d in zip(base, self.spec.split(delta), strict=False)]
@@ -306,16 +450,15 @@ class LossOperator:
 
         No host synchronisation: the value stays on the device.
         """
+        if not self._substitution_checked:
+            self._split_on_oom(lambda: (self.check_substitution(), torch.zeros((), dtype=self.dtype))[1], ())
 
         def compute() -> Tensor:
             point = self._shifted(delta)
             with torch.no_grad():
-                return sum(
-                    w * _at_least_float32(self._batch_loss(point, b))
-                    for w, b in zip(self._weights(), self.batches, strict=False)
-                )
+                return sum(w * _at_least_float32(self._batch_loss(point, b)) for w, b in self._parts())
 
-        return self._collective(compute, ())
+        return self._split_on_oom(compute, ())
 
     def gradient(self, delta: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """``(loss, flat gradient)`` at ``θ + δ``."""
@@ -323,15 +466,16 @@ class LossOperator:
 
         def compute() -> Tensor:
             point = [t.detach().requires_grad_(True) for t in self._shifted(delta)]
-            total = torch.zeros(n + 1, dtype=self.spec.dtype, device=self.spec.device)
-            for w, b in zip(self._weights(), self.batches, strict=False):
+            total = torch.zeros(n + 1, dtype=self.dtype, device=self.spec.device)
+            for w, b in self._parts():
                 loss = self._batch_loss(point, b)
+                self._check_graph(loss)
                 grads = torch.autograd.grad(w * loss, point, allow_unused=True, materialize_grads=True)
                 total[:n] += self.spec.flatten(grads).detach()
                 total[n] += w * loss.detach()
             return total
 
-        packed = self._collective(compute, (n + 1,))
+        packed = self._split_on_oom(compute, (n + 1,))
         return packed[n], packed[:n]
 
     # ------------------------------------------------------------------ Hessian-vector products
@@ -352,20 +496,27 @@ class LossOperator:
         """Hessian-vector products ``H v`` for each row of ``vectors`` (``[k, numel]`` → ``[k, numel]``)."""
         if vectors.dim() != 2 or vectors.shape[1] != self.spec.numel:
             raise ValueError(f"`vectors` must have shape [k, {self.spec.numel}], got {tuple(vectors.shape)}.")
-        vectors = vectors.to(device=self.spec.device, dtype=self.spec.dtype)
+        vectors = vectors.to(device=self.spec.device, dtype=self.dtype)
         if self._method is None:
             self._method = self._resolve_method(vectors[:1])
+        if self._validate:
+            self._validate = False
+            self._check_product()
         chunk = self.chunk_size or vectors.shape[0]
         while True:
             try:
                 return torch.cat([self._block_hvp(c) for c in vectors.split(chunk)])
-            except _OutOfMemory:
+            except _OutOfMemory as err:
                 if self._graphs:  # first give back the cached gradient graphs
                     self._graphs.clear()
                     self.cache_graph = False
                     continue
-                if chunk == 1:
-                    raise MeasurementError("out of memory even one vector at a time") from None
+                if chunk == 1:  # then split the probe batches
+                    try:
+                        self._more_pieces(err)
+                    except MeasurementError as final:
+                        raise MeasurementError(f"out of memory even one vector at a time: {final}") from None
+                    continue
                 chunk = max(1, chunk // 2)
                 self.chunk_size = chunk  # remembered: later products start from the size that fit
                 if self.spec.device.type == "cuda":
@@ -394,24 +545,86 @@ class LossOperator:
     def _resolve_method(self, probe: Tensor) -> tuple[str, bool]:
         """Try the ``auto`` chain on one vector and the first batch; all processes agree."""
         errors = []
+        first = self._parts()[:1]
         for name, math_sdpa in _AUTO_CHAIN:
             try:
                 self.probe_hvps = 1
-                hv = self._local_hvp(probe, name, math_sdpa, batches=self.batches[:1])
+                hv = self._local_hvp(probe, name, math_sdpa, batches=[b for _, b in first])
                 failure = None if bool(torch.isfinite(hv).all()) else MeasurementError("non-finite HVP")
             except (RuntimeError, NotImplementedError) as err:
                 failure = err
             try:
-                self._reduce(torch.zeros(1, dtype=self.spec.dtype, device=self.spec.device), failure)
+                self._reduce(torch.zeros(1, dtype=self.dtype, device=self.spec.device), failure)
                 return name, math_sdpa
             except (RuntimeError, NotImplementedError, MeasurementError) as err:
-                errors.append(f"{name}{'+math_sdpa' if math_sdpa else ''}: {err}")
+                errors.append(f"{name}{'+math_sdpa' if math_sdpa else ''}: {type(err).__name__}: {_message(err)}")
         raise MeasurementError("no Hessian-vector-product method works for this model: " + "; ".join(errors))
 
-    def _local_hvp(self, vectors: Tensor, name: str, math_sdpa: bool, batches: Sequence[Any] | None = None) -> Tensor:
+    def _check_product(self) -> None:
+        """Check the exact product once (symmetry, and finite differences where they are reliable); see the class
+        docstring. Under ``auto`` a failure switches to finite differences; otherwise it warns."""
+        name, math_sdpa = self._method
+        if name == "finite_difference":
+            return
+        first = [b for _, b in self._parts()[:1]]
+        gen = torch.Generator().manual_seed(0)
+        uv = torch.randn(2, self.spec.numel, generator=gen, dtype=self.dtype).to(self.spec.device)
+        uv = uv / uv.norm(dim=1, keepdim=True)
+        eps = torch.finfo(self.dtype).eps
+        step = self.fd_step or 0.125 * eps ** (1 / 3)
+
+        def local() -> Tensor:
+            exact = self._local_hvp(uv, name, math_sdpa, batches=first)
+            fd = self._local_hvp(uv[1:], "finite_difference", False, batches=first, fd_step=step)
+            fd2 = self._local_hvp(uv[1:], "finite_difference", False, batches=first, fd_step=2 * step)
+            u, v = uv
+            hu, hv = exact
+            asym = (u @ hv - v @ hu).abs() / (hv.norm() + hu.norm()).clamp_min(torch.finfo(self.dtype).tiny)
+            scale = fd[0].norm().clamp_min(torch.finfo(self.dtype).tiny)
+            return torch.stack([asym, (hv - fd[0]).norm() / scale, (fd2[0] - fd[0]).norm() / scale])
+
+        try:
+            # a maximum across processes, through the sum: every process decides alike
+            found = self._collective(local, (3,))
+        except _OutOfMemory:  # the check does not fit beside the measurement: nothing to learn, go on without it
+            self.product_check = "not run (out of memory)"
+            return
+        self.check_hvps = 4  # two exact products and four gradients, about four products
+        asym, err, spread = (float(x) for x in found)
+        sym_tol = 1000 * eps
+        fd_tol = max(10 * spread, 1e3 * eps ** (1 / 2))
+        fd_says = spread < 0.1 and err > fd_tol  # finite differences are smooth here, and disagree
+        figures = f"asymmetry {asym:.1e} (tolerance {sym_tol:.0e}), difference from finite differences {err:.1e}"
+        figures += f" (their own spread {spread:.1e})"
+        if asym <= sym_tol and not fd_says:
+            self.product_check = f"passed: {figures}"
+            return
+        self.product_check_failed = True
+        if self._auto:
+            self._method = ("finite_difference", False)
+            self.product_check = (
+                f"{_method_name(name, math_sdpa)} failed the check ({figures}); now finite_difference"
+            )
+        else:
+            self.product_check = f"{_method_name(name, math_sdpa)} failed the check ({figures})"
+            warnings.warn(
+                f"hvp_method={name!r} gives a wrong Hessian-vector product for this model: {figures}. Some PyTorch "
+                "ops' double backward is wrong without an error (e.g. parametrizations.weight_norm); use "
+                "hvp_method='auto' or 'finite_difference'.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+
+    def _local_hvp(
+        self,
+        vectors: Tensor,
+        name: str,
+        math_sdpa: bool,
+        batches: Sequence[Any] | None = None,
+        fd_step: float | None = None,
+    ) -> Tensor:
         cached = batches is None  # the operator's own batches: their gradient graphs may be kept
-        weights = self._weights() if cached else [1.0] * len(batches)
-        batches = self.batches if cached else batches
+        parts = self._parts(batches)
         compute = {
             "double_backward": self._hvp_double_backward,
             "double_backward_batched": self._hvp_double_backward,
@@ -420,17 +633,20 @@ class LossOperator:
         }[name]
         with _math_attention() if math_sdpa else contextlib.nullcontext():
             total = torch.zeros_like(vectors)
-            for i, (w, b) in enumerate(zip(weights, batches, strict=False)):
-                total += compute(vectors, b, batched=name == "double_backward_batched", key=i if cached else None) * w
+            for i, (w, b) in enumerate(parts):
+                key = (i, self._pieces) if cached else None
+                out = compute(vectors, b, batched=name == "double_backward_batched", key=key, fd_step=fd_step)
+                total += out * w
         return total
 
-    def _gradient_graph(self, batch: Any, key: int | None) -> tuple[list[Tensor], list[int], list[Tensor]]:
+    def _gradient_graph(self, batch: Any, key: Any) -> tuple[list[Tensor], list[int], list[Tensor]]:
         """``(point, live, outputs)``: the gradient at θ with its graph, cached under ``key``."""
         keep = key is not None and self.cache_graph
         if keep and key in self._graphs:
             return self._graphs[key]
-        point = [t.detach().requires_grad_(True) for t in self.spec.tensors()]
+        point = [t.detach().requires_grad_(True) for t in self.base_tensors()]
         loss = self._batch_loss(point, batch)
+        self._check_graph(loss)
         once = once_differentiable_functions(loss)
         if once:
             raise MeasurementError(
@@ -445,7 +661,7 @@ class LossOperator:
         return graph
 
     def _hvp_double_backward(
-        self, vectors: Tensor, batch: Any, batched: bool = False, key: int | None = None
+        self, vectors: Tensor, batch: Any, batched: bool = False, key: Any = None, fd_step: float | None = None
     ) -> Tensor:
         point, live, outputs = self._gradient_graph(batch, key)
         keep = key is not None and self.cache_graph
@@ -477,9 +693,11 @@ class LossOperator:
         return out
 
     def _hvp_forward_over_reverse(
-        self, vectors: Tensor, batch: Any, batched: bool = False, key: int | None = None
+        self, vectors: Tensor, batch: Any, batched: bool = False, key: Any = None, fd_step: float | None = None
     ) -> Tensor:
-        base = tuple(self.spec.tensors())
+        base = tuple(self.base_tensors())
+        if not self._substitution_checked:
+            self._check_graph(self._batch_loss([t.detach().requires_grad_(True) for t in base], batch))
 
         def loss_of(*point: Tensor) -> Tensor:
             return self._batch_loss(point, batch)
@@ -493,11 +711,11 @@ class LossOperator:
         return torch.func.vmap(one)(vectors).detach()
 
     def _hvp_finite_difference(
-        self, vectors: Tensor, batch: Any, batched: bool = False, key: int | None = None
+        self, vectors: Tensor, batch: Any, batched: bool = False, key: Any = None, fd_step: float | None = None
     ) -> Tensor:
-        base = self.spec.tensors()
+        base = self.base_tensors()
         # an eighth of the textbook eps^(1/3): on the test models truncation, not rounding, dominates
-        step_scale = self.fd_step or 0.125 * torch.finfo(self.spec.dtype).eps ** (1 / 3)
+        step_scale = fd_step or self.fd_step or 0.125 * torch.finfo(self.dtype).eps ** (1 / 3)
         theta_rms = math.sqrt(sum(float(t.pow(2).sum()) for t in base) / self.spec.numel)
         out = torch.zeros_like(vectors)
         for j, v in enumerate(vectors):
@@ -511,6 +729,7 @@ class LossOperator:
                     (b + sign * h * d).requires_grad_(True) for b, d in zip(base, self.spec.split(v), strict=False)
                 ]
                 loss = self._batch_loss(point, batch)
+                self._check_graph(loss)
                 grads.append(
                     self.spec.flatten(torch.autograd.grad(loss, point, allow_unused=True, materialize_grads=True))
                 )
@@ -543,6 +762,18 @@ def hvp(
     """
     with LossOperator(model, loss_fn, batches, params, hvp_method=hvp_method, eval_mode=eval_mode) as op:
         return op.hvp(vectors)
+
+
+def _method_name(name: str, math_sdpa: bool) -> str:
+    return name + ("+math_sdpa" if math_sdpa else "")
+
+
+def _message(err: BaseException) -> str:
+    """An error's own words (an out-of-memory error's allocator message), or its type when it has none."""
+    text = str(err).strip()
+    if not text and err.__cause__ is not None:
+        text = str(err.__cause__).strip()
+    return text or type(err).__name__
 
 
 def _at_least_float32(t: Tensor) -> Tensor:

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from ._batches import batch_size, split_batch
-from ._params import ParamSpec
+from ._params import ParamSpec, compute_dtype
 from ._random import gaussian, make_generator
 from .hvp import LossFn, LossOperator, MeasurementError, is_out_of_memory
 
@@ -87,11 +87,12 @@ def filter_normalize(
         raise ValueError(f"`directions` must have shape [{spec.numel}] or [k, {spec.numel}], got {shape}.")
     if not torch.is_floating_point(directions):
         raise TypeError(f"`directions` must be a floating-point tensor, got {directions.dtype}.")
-    flat = directions.detach().to(device=spec.device, dtype=spec.dtype)
+    dtype = compute_dtype(spec.dtype)  # float32 for half-precision weights
+    flat = directions.detach().to(device=spec.device, dtype=dtype)
     squeeze = flat.dim() == 1
     flat = flat.reshape(-1, spec.numel)
     out = []
-    for theta, d in zip(spec.tensors(), spec.split(flat), strict=True):
+    for theta, d in zip([t.to(dtype) for t in spec.tensors()], spec.split(flat), strict=True):
         k = d.shape[0]
         if theta.dim() >= 2:
             theta_norm = theta.reshape(1, theta.shape[0], -1).norm(dim=-1)  # [1, filters]
@@ -105,7 +106,7 @@ def filter_normalize(
             scale = torch.where(d_norm > 0, theta_norm / torch.where(d_norm > 0, d_norm, 1.0), 0.0)
             out.append(d.reshape(k, -1) * scale)
         else:
-            out.append(torch.zeros(k, theta.numel(), dtype=spec.dtype, device=spec.device))
+            out.append(torch.zeros(k, theta.numel(), dtype=dtype, device=spec.device))
     result = torch.cat(out, dim=-1)
     return result[0] if squeeze else result
 
@@ -342,16 +343,19 @@ def _evaluate(
     # inference tensors in the batches cloned.
     with LossOperator(model, loss_fn, batches, params, eval_mode=eval_mode) as op, torch.no_grad():
         spec = op.spec
-        theta = spec.parameter_vector()
-        dirs = directions.to(device=spec.device, dtype=spec.dtype)
+        theta = op.parameter_vector()  # half-precision parameters are measured in float32 (op.dtype)
+        dirs = directions.to(device=spec.device, dtype=op.dtype)
         point = theta.clone()
         views = dict(zip(spec.names, spec.split(point), strict=True))
         selected = set(spec.names)
-        tensors = {"model." + n: views[n] if n in selected else p.detach() for n, p in model.named_parameters()}
+        tensors = {
+            "model." + n: views[n] if n in selected else op._input(p.detach()) for n, p in model.named_parameters()
+        }
         buffer_pairs = []
-        if not eval_mode:  # train-mode forward passes update running statistics: give them copies
-            for n, b in model.named_buffers():
-                scratch = b.detach().clone()
+        for n, b in model.named_buffers():
+            if not eval_mode or (op.dtype != spec.dtype and b.is_floating_point()):
+                # train-mode forward passes update running statistics: give them copies (float32 ones when upcasting)
+                scratch = op._input(b.detach()).clone()
                 tensors["model." + n] = scratch
                 buffer_pairs.append((scratch, b.detach()))
         counts = [batch_size(b) for b in op.batches]
@@ -386,12 +390,14 @@ def _evaluate(
                     torch.add(row, dirs[1], alpha=b, out=point)
                 for batch in op.batches:
                     for scratch, original in buffer_pairs:
-                        scratch.copy_(original)
+                        scratch.copy_(original)  # (casts too)
                     values.append(batch_loss(net, batch))
             return torch.stack(values).reshape(len(points), len(op.batches))
 
         failure: BaseException | None = None
         try:
+            with torch.enable_grad():  # a loss that reads parameters around functional_call would give a flat slice
+                op.check_substitution()
             local = functional_call(_GridModule(model), tensors, (run,))  # the operator forked the RNGs
             weights = torch.tensor(counts, dtype=torch.float64, device=local.device)
             sums = local.to(torch.float64) @ weights  # [points]: sum of the loss over this process's samples

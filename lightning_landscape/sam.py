@@ -7,7 +7,7 @@ Each optimizer step of a module that mixes this in, with ``sam`` on:
 2. ``ε = ρ·g/‖g‖₂`` (SAM) or ``ε = ρ·T²g/‖Tg‖₂`` with ``T = |w| + η`` (ASAM), the norm over every
    parameter the optimizer holds that has a gradient (:func:`~lightning_landscape.functional._perturbation.ascent_step`,
    the same step worst-case sharpness starts with);
-3. the closure runs again at ``w + ε`` with ``self.log`` silenced and module buffers and torchmetrics
+3. the closure runs again at ``w + ε`` with ``self.log`` silenced and module buffers, plain attributes and torchmetrics
    states left as the first pass made them: ``g_sam = ∇L_B(w + ε)`` (under DDP all-reduced);
 4. ``w`` is restored exactly (a copy, not ``w + ε - ε``) and Lightning carries on as always: precision
    plugin (unscaling, skipping non-finite steps), ``on_before_optimizer_step``, gradient clipping, then the
@@ -29,8 +29,8 @@ from pytorch_lightning.plugins.precision import MixedPrecision, Precision
 from pytorch_lightning.strategies import DDPStrategy, ParallelStrategy, SingleDeviceStrategy
 from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor
-from torchmetrics import Metric
 
+from lightning_landscape._user_state import invisible_user_code
 from lightning_landscape.functional._perturbation import ascent_step
 
 __all__ = ["SAMMixin"]
@@ -87,7 +87,10 @@ class SAMMixin(pl.LightningModule):
       updated once per step, by the first pass;
     - ``on_before_zero_grad``, ``optimizer_zero_grad``, ``on_before_backward`` and ``on_after_backward``
       run for both passes; :attr:`sam_perturbed` is ``True`` during the second;
-    - anything else ``training_step`` does (counters, dropout masks, the global RNG) happens twice.
+    - plain Python attributes of the module and its submodules that ``training_step`` changes (counters, lists
+      such as ``self.training_step_outputs``, dicts, sets) are as the first pass left them (the guard
+      measurements use too: ``lightning_landscape._user_state``);
+    - anything else ``training_step`` does (dropout masks, the global RNG, objects outside the module) happens twice.
 
     Unsupported, with an error at ``setup``: manual optimization, ``accumulate_grad_batches > 1`` (the
     micro-batches before the last are gone when ``ε`` is known), FSDP, DeepSpeed, model-parallel and XLA
@@ -306,37 +309,26 @@ class SAMMixin(pl.LightningModule):
 
     @contextlib.contextmanager
     def _sam_second_pass(self, originals: dict[int, Tensor]) -> Iterator[None]:
-        silenced = {"log": _no_op, "log_dict": _no_op}
-        previous = {name: self.__dict__.get(name) for name in silenced}
         buffers: dict[int, Tensor] = {}
-        metrics = []
-        for m in self.modules():  # one walk: buffers to restore, metrics to freeze
-            if isinstance(m, Metric):
-                metrics.append(m)
+        for m in self.modules():
             for b in m._buffers.values():
                 if b is not None:
                     buffers[id(b)] = b
         with torch.no_grad():
             saved = list(zip(buffers.values(), _copies(list(buffers.values())), strict=True))
         originals.update((id(b), s) for b, s in saved)
-        frozen = _freeze_metrics(metrics)
-        self.__dict__.update(silenced)
-        self._sam_perturbed = True
-        self._sam_originals = originals
-        try:
-            yield
-        finally:
-            self._sam_perturbed = False
-            self._sam_originals = None
-            for name, value in previous.items():
-                if value is None:
-                    self.__dict__.pop(name, None)
-                else:
-                    self.__dict__[name] = value
-            _thaw_metrics(frozen)
-            if saved:
-                with torch.no_grad():
-                    torch._foreach_copy_([b for b, _ in saved], [c for _, c in saved])
+        # the same guard measurements use: no logging, metrics frozen, plain attributes restored
+        with invisible_user_code(self):
+            self._sam_perturbed = True
+            self._sam_originals = originals
+            try:
+                yield
+            finally:
+                self._sam_perturbed = False
+                self._sam_originals = None
+                if saved:
+                    with torch.no_grad():
+                        torch._foreach_copy_([b for b, _ in saved], [c for _, c in saved])
 
 
 def _copies(tensors: list[Tensor]) -> list[Tensor]:
@@ -345,10 +337,6 @@ def _copies(tensors: list[Tensor]) -> list[Tensor]:
     if copies:
         torch._foreach_copy_(copies, tensors)
     return copies
-
-
-def _no_op(*args: Any, **kwargs: Any) -> None:
-    return None
 
 
 def _params_with_grad(optimizer: Any) -> list[Tensor]:
@@ -373,24 +361,3 @@ def _poison(params: list[Tensor], bad: Tensor) -> None:
     with torch.no_grad():
         entry = grad[(0,) * grad.dim()]
         entry.copy_(torch.where(bad.to(grad.device), torch.full_like(entry, math.nan), entry))
-
-
-def _freeze_metrics(metrics: list[Metric]) -> list[tuple[Metric, dict[str, Any]]]:
-    """Makes each torchmetrics ``Metric`` a no-op whose call returns the first pass's batch value."""
-    frozen = []
-    for m in metrics:
-        previous = {name: m.__dict__[name] for name in ("forward", "update") if name in m.__dict__}
-        cached = m.__dict__.get("_forward_cache")
-        m.__dict__["forward"] = lambda *a, _cached=cached, **k: _cached
-        m.__dict__["update"] = _no_op
-        frozen.append((m, previous))
-    return frozen
-
-
-def _thaw_metrics(frozen: list[tuple[Metric, dict[str, Any]]]) -> None:
-    for m, previous in frozen:
-        for name in ("forward", "update"):
-            if name in previous:
-                m.__dict__[name] = previous[name]
-            else:
-                m.__dict__.pop(name, None)

@@ -7,7 +7,9 @@ Subclasses implement :meth:`MeasurementCallback.measure` (the math, through
 
 from __future__ import annotations
 
+import ast
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -18,9 +20,10 @@ from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.utilities import rank_zero_info
 from torch import Tensor
 
+from lightning_landscape._user_state import invisible_user_code
 from lightning_landscape.callbacks._budget import DEFAULT_MAX_OVERHEAD, OverheadBudget
 from lightning_landscape.callbacks._logging import MeasurementLogger
-from lightning_landscape.callbacks._probe import take_batches
+from lightning_landscape.callbacks._probe import copy_batch, safe_to_draw, take_batches
 from lightning_landscape.functional import HVP_METHODS, LossOperator, MeasurementError
 from lightning_landscape.functional._batches import apply_to_tensors, clone_if_inference
 
@@ -126,8 +129,8 @@ class MeasurementCallback(Callback):
             raise ValueError(f"`hvp_method` must be one of {HVP_METHODS}, got {hvp_method!r}.")
         check_bool("eval_mode", eval_mode)
         check_bool("strict", strict)
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise ValueError(f"`seed` must be an integer, got {seed!r}.")
+        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64:
+            raise ValueError(f"`seed` must be an integer in [0, 2**64 - 1] (a torch.Generator seed), got {seed!r}.")
         self.every_n_train_steps = every_n_train_steps
         self.every_n_epochs = every_n_epochs
         self.max_overhead = None if max_overhead is None else float(max_overhead)
@@ -140,8 +143,12 @@ class MeasurementCallback(Callback):
         self.generator = torch.Generator().manual_seed(seed)
         self.last_metrics: dict[str, float] = {}
         self._probe: list[Any] | None = None
+        self._collecting: list[Any] | None = None  # train batches copied as they pass, until num_batches
         self._val_probe: list[Any] | None = None
+        self._val_collecting: list[Any] | None = None
         self._val_taken = False
+        self._validated = False  # the exact-product check ran once (LossOperator(validate=...))
+        self._measured_in_fit = 0
         self._last_step = -1
         self._last_epoch = -1
         self._logger = MeasurementLogger(type(self).__name__)
@@ -222,20 +229,68 @@ class MeasurementCallback(Callback):
                 share = DEFAULT_MAX_OVERHEAD / max(len(sharing), 1)
             self._budget = OverheadBudget(share=share, last_cost=self._restored_cost)
 
-    def _take_probe(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> list[Any]:
-        loader = _first_loader(trainer.train_dataloader)
-        if loader is None:
-            raise MeasurementError("no train dataloader to take probe batches from")
-        return self._to_device(trainer, take_batches(loader, self.num_batches, seed=self.seed))
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # after `configure_model`: the parameters exist now, so arguments that depend on them are checked here
+        self.check_model(pl_module)
+
+    def check_model(self, pl_module: pl.LightningModule) -> None:
+        """Raise a ``ValueError`` naming the argument if this callback's arguments do not fit the model."""
+        if not any(p.requires_grad for p in pl_module.parameters()):
+            raise ValueError(f"{type(self).__name__}: the module has no parameter with requires_grad to measure.")
+
+    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
+        """Say so when the checkpoint holds this callback's state under other arguments (it is then not restored)."""
+        saved = [k for k in checkpoint.get("callbacks", {}) if isinstance(k, str) and k.startswith(type(self).__name__)]
+        if not saved or self.state_key in saved:
+            return
+        claimed = {cb.state_key for cb in trainer.callbacks if type(cb) is type(self)}
+        unclaimed = [k for k in saved if k not in claimed and k.startswith(type(self).__name__ + "{")]
+        if not unclaimed:
+            return
+        mine = {name: getattr(self, name) for name in self.state_key_fields}
+        diffs = []
+        for key in unclaimed:
+            try:
+                theirs = ast.literal_eval(key[len(type(self).__name__) :])
+            except (ValueError, SyntaxError):
+                theirs = {}
+            changed = [f"{n}: {theirs[n]!r} -> {v!r}" for n, v in mine.items() if n in theirs and theirs[n] != v]
+            diffs.append(", ".join(changed) or key)
+        self._logger.warn_once(
+            "resume-arguments",
+            f"the checkpoint holds this callback's state under other arguments ({'; '.join(diffs)}), so it was not "
+            f"restored: {self.dropped_state_description()} start afresh. Resume with the same arguments to keep them.",
+        )
+
+    def dropped_state_description(self) -> str:
+        """What is lost when a checkpoint's state cannot be restored (for the resume warning)."""
+        return "the schedule's position, the random generator and the cost of the last measurement"
+
+    def _take_probe(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> list[Any] | None:
+        """The train probe drawn now if the loader allows it (:func:`safe_to_draw`); otherwise ``None`` and the
+        batches are copied as the loop yields them."""
+        loader = trainer.train_dataloader
+        if safe_to_draw(loader):
+            return take_batches(loader, self.num_batches, seed=self.seed, transform=_loop_transform(trainer, 0))
+        if self._collecting is None:
+            self._collecting = []
+        return None
 
     def val_probe(self, trainer: pl.Trainer) -> list[Any] | None:
-        """The validation probe set, taken once on first use (``None`` without a val loader)."""
+        """The validation probe set: drawn once on first use from a loader that allows it, else the first
+        ``num_batches`` batches of the first validation loader copied as they passed (``None`` until then, and
+        without a validation loader)."""
         if not self._val_taken:
-            self._val_probe, self._val_taken = self.take_val_probe(trainer), True
+            self._val_taken = True
+            self._val_probe = self.take_val_probe(trainer)
+        if self._val_probe is None and self._val_collecting:  # a validation run ended with fewer batches
+            if not trainer.validating and not trainer.sanity_checking:
+                self._val_probe, self._val_collecting = self._val_collecting, None
         return self._val_probe
 
     def take_val_probe(self, trainer: pl.Trainer) -> list[Any] | None:
-        """``num_batches`` fixed batches of the (first) validation loader, or ``None`` if there is none."""
+        """``num_batches`` fixed batches of the (first) validation loader drawn now if it allows it
+        (:func:`safe_to_draw`); ``None`` otherwise (then they are copied as validation yields them)."""
         loader = _first_loader(trainer.val_dataloaders)
         if loader is None:
             val_loop = trainer.fit_loop.epoch_loop.val_loop
@@ -246,21 +301,63 @@ class MeasurementCallback(Callback):
             loader = _first_loader(trainer.val_dataloaders)
         if loader is None:
             return None
-        batches = take_batches(loader, self.num_batches, seed=self.seed)
-        return self._to_device(trainer, batches) if batches else None
+        if not safe_to_draw(loader):
+            if self._val_collecting is None:
+                self._val_collecting = []
+            return None
+        batches = take_batches(loader, self.num_batches, seed=self.seed, transform=_loop_transform(trainer, 0))
+        return batches or None
 
-    @staticmethod
-    def _to_device(trainer: pl.Trainer, batches: Sequence[Any]) -> list[Any]:
-        with torch.inference_mode(False):
-            moved = [trainer.strategy.batch_to_device(b) for b in batches]
-            return [apply_to_tensors(b, clone_if_inference) for b in moved]
+    @property
+    def needs_val_probe(self) -> bool:
+        """Whether measurements use validation batches (then they are collected as validation runs)."""
+        return False
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._probe is None:
             self._probe = self._take_probe(trainer, pl_module)
         self._fixed_spent = 0.0
+        self._measured_in_fit = 0
         if self._budget is not None:
             self._budget.start(time.perf_counter(), trainer.global_step)
+
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        collecting = self._collecting
+        if collecting is not None:
+            collecting.append(copy_batch(batch))
+            if len(collecting) >= self.num_batches:
+                self._probe, self._collecting = collecting, None
+
+    def on_validation_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
+        if self.needs_val_probe and not self._val_taken:
+            self.val_probe(trainer)  # decides: drawn now (a loader that allows it) or copied from here on
+        collecting = self._val_collecting
+        if collecting is not None and dataloader_idx == 0:
+            collecting.append(copy_batch(batch))
+            if len(collecting) >= self.num_batches:
+                self._val_probe, self._val_collecting = collecting, None
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._measured_in_fit or trainer.sanity_checking:
+            return
+        step = trainer.global_step
+        if self._probe is None:
+            why = f"the probe set was not complete ({self.num_batches} batches are copied from training as they pass)"
+        elif self.every_n_train_steps is not None:
+            why = f"every_n_train_steps={self.every_n_train_steps} and training ended at step {step}"
+        elif self.every_n_epochs is not None:
+            why = f"every_n_epochs={self.every_n_epochs} and training ended after {trainer.current_epoch} epoch(s)"
+        else:
+            why = (
+                f"the default schedule keeps measuring within {100 * self._budget.share:.2g}% of the fit's time, and "
+                f"the fit ended (step {step}) before that paid for a first measurement; pass every_n_epochs=1 or "
+                "every_n_train_steps=N to measure on a fixed schedule, or a larger max_overhead"
+            )
+        self._logger.warn_once("no-measurement", f"no measurement was made in this fit: {why}.")
 
     # ------------------------------------------------------------------ schedule
     def on_train_batch_end(
@@ -275,6 +372,13 @@ class MeasurementCallback(Callback):
             self._run(trainer, pl_module)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._collecting:  # an epoch shorter than num_batches: the probe is what it yielded
+            self._probe, self._collecting = self._collecting, None
+            self._logger.warn_once(
+                "short-probe",
+                f"the first epoch had {len(self._probe)} batches, fewer than num_batches={self.num_batches}; "
+                "the probe set is those batches.",
+            )
         epoch = trainer.current_epoch + 1
         if self.every_n_epochs and epoch % self.every_n_epochs == 0 and epoch != self._last_epoch:
             self._last_epoch = epoch
@@ -287,6 +391,9 @@ class MeasurementCallback(Callback):
         """
         budget = self._budget
         assert budget is not None
+        if self._probe is None:  # still copying probe batches from the loop: check again at the next step
+            budget.next_check = step + 1
+            return
         estimate = None
         if budget.last_cost is None:
             if self._cost_estimate is None:
@@ -308,12 +415,10 @@ class MeasurementCallback(Callback):
     def _estimate_cost(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> float:
         """Seconds a measurement should take, before the first: one timed probe gradient times
         :meth:`work_in_gradients`, plus :data:`FIGURE_SECONDS` per figure (rank zero draws them)."""
-        if self._probe is None:
-            self._probe = self._take_probe(trainer, pl_module)
         _synchronize(pl_module)
         start = time.perf_counter()
         try:
-            with self.operator(trainer, pl_module, self._probe) as op:
+            with self.operator(trainer, pl_module, self._probe) as op, invisible_user_code(pl_module):
                 op.gradient()
         except Exception:  # the measurement itself will fail and say why; the time is still a cost
             pass
@@ -358,6 +463,7 @@ class MeasurementCallback(Callback):
             auto_method=self._resolved_method if self.hvp_method == "auto" else None,
             eval_mode=self.eval_mode,
             reduce_fn=self.reduce_fn(trainer),
+            validate=not self._validated,
         )
 
     def measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> tuple[dict[str, float], dict[str, Figure]]:
@@ -368,20 +474,40 @@ class MeasurementCallback(Callback):
         raise NotImplementedError
 
     def note_method(self, trainer: pl.Trainer, op: LossOperator) -> None:
-        """Record which HVP method ran, once per run (in the console and TensorBoard's text tab)."""
+        """Record which HVP method ran and what the exact-product check found, once per run (in the console and
+        TensorBoard's text tab); an explicitly chosen method that failed the check warns once."""
+        if op.product_check:
+            self._validated = True
         if op.method != "auto" and op.method != self._resolved_method:
             self._resolved_method = op.method
             message = f"{type(self).__name__}: Hessian-vector products by `{op.method}`."
-            if op.method != "double_backward" and self.hvp_method == "auto":
+            if self.hvp_method == "auto" and op.product_check_failed:
+                message += f" (The exact product failed its check: {op.product_check}.)"
+            elif op.method != "double_backward" and self.hvp_method == "auto":
                 message += " (The model has an operation without double backward; fell back.)"
+            elif op.product_check:
+                message += f" Product check {op.product_check}."
             rank_zero_info(message)
-            self._logger.note(trainer, f"{self.prefix}/hvp_method", op.method)
+            self._logger.note(trainer, f"{self.prefix}/hvp_method", message)
+        if op.product_check_failed and self.hvp_method != "auto":
+            self._logger.warn_once(
+                "product-check",
+                f"hvp_method={self.hvp_method!r} gives a wrong Hessian-vector product for this model "
+                f"({op.product_check}); use hvp_method='auto' (which then uses finite differences) or "
+                "'finite_difference'.",
+            )
 
     def _run(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking:
             return
         if self._probe is None:
-            self._probe = self._take_probe(trainer, pl_module)
+            self._logger.warn_once(
+                "probe-not-ready",
+                f"a measurement was due at step {trainer.global_step} before the probe set was complete (its "
+                f"{self.num_batches} batches are copied from the first training batches as they pass); skipped.",
+            )
+            return
+        self._measured_in_fit += 1  # attempted: a failure is said by its own warning
         _synchronize(pl_module)  # queued training work is training time, not ours
         start = time.perf_counter()
         try:
@@ -396,7 +522,9 @@ class MeasurementCallback(Callback):
     def _measure_and_log(self, trainer: pl.Trainer, pl_module: pl.LightningModule, start: float) -> None:
         error: BaseException | None = None
         try:
-            scalars, figures = self.measure(trainer, pl_module)
+            with invisible_user_code(pl_module), warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=".*wrong Hessian-vector product.*")  # said once, below
+                scalars, figures = self.measure(trainer, pl_module)
             bad = [k for k, v in scalars.items() if not _finite(v)]
             if bad:
                 raise MeasurementError(f"non-finite values for {', '.join(bad)}")
@@ -418,6 +546,23 @@ class MeasurementCallback(Callback):
         metrics[f"{self.prefix}/seconds"] = time.perf_counter() - start
         self.last_metrics = metrics
         self._logger.log(trainer, metrics, figures)
+
+
+def _loop_transform(trainer: pl.Trainer, dataloader_idx: int) -> Callable[[Any], Any]:
+    """What the loop does to a batch before its step: precision conversion, the module's batch-transfer hooks,
+    the move to the device (then autograd-safe copies of inference tensors)."""
+    module = trainer.lightning_module
+
+    def transform(batch: Any) -> Any:
+        batch = trainer.precision_plugin.convert_input(batch)
+        before = getattr(module, "_on_before_batch_transfer", None)
+        if before is not None:
+            batch = before(batch, dataloader_idx=dataloader_idx)
+        with torch.inference_mode(False):
+            batch = trainer.strategy.batch_to_device(batch, dataloader_idx=dataloader_idx)
+            return apply_to_tensors(batch, clone_if_inference)
+
+    return transform
 
 
 def _synchronize(pl_module: pl.LightningModule) -> None:

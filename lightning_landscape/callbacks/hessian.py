@@ -109,6 +109,17 @@ class HessianCallback(MeasurementCallback):
         self.density_steps = density_steps
         self.eigenvectors: torch.Tensor | None = None
 
+    def check_model(self, pl_module: pl.LightningModule) -> None:
+        super().check_model(pl_module)
+        count = sum(p.numel() for p in pl_module.parameters() if p.requires_grad)
+        if self.top_k > count:
+            raise ValueError(
+                f"`top_k` must be at most the number of measured parameters ({count}), got {self.top_k}."
+            )
+
+    def dropped_state_description(self) -> str:
+        return super().dropped_state_description() + ", and the eigenvectors the next estimate warm-starts from,"
+
     def work_in_gradients(self) -> float:
         hvps = min(self.max_hvps, 2 * self.top_k + 8)
         hvps += self.trace_hvps if self.trace else 0

@@ -103,6 +103,13 @@ class LossLandscapeCallback(MeasurementCallback):
         #: the raw (not normalized) directions ``[2, numel]`` on the CPU, drawn at the first frame.
         self.directions: Tensor | None = None
 
+    @property
+    def needs_val_probe(self) -> bool:
+        return self.validation
+
+    def dropped_state_description(self) -> str:
+        return super().dropped_state_description() + ", and the slices' directions (later frames are not comparable)"
+
     def work_in_gradients(self) -> float:
         forwards = self.steps**2 + self.steps_1d * (2 if self.validation else 1)
         return forwards / 3.0

@@ -144,8 +144,8 @@ class SharpnessCallback(MeasurementCallback):
         )
         plain_rho = 1.0 if isinstance(rho, Mapping) else rho  # a mapping's radii are checked per measure below
         check_sharpness_args(plain_rho, "worst_case", "l2", False, eta, steps, samples)  # rho, eta, steps, samples
-        if isinstance(kinds, str):
-            kinds = [kinds]  # one spec given bare
+        if isinstance(kinds, str) or _is_one_spec(kinds):
+            kinds = [kinds]  # one spec given bare: "worst_case_l2" or ("worst_case", "l2"[, adaptive])
         if not isinstance(kinds, Sequence):
             raise ValueError(f"`kinds` must be a list of measure specs, got {kinds!r}.")
         specs = [parse_sharpness_spec(k) for k in kinds]
@@ -169,6 +169,10 @@ class SharpnessCallback(MeasurementCallback):
         self.eta = float(eta)
         check_bool("generalization", generalization)
         self.generalization = generalization
+
+    @property
+    def needs_val_probe(self) -> bool:
+        return self.generalization
 
     def work_in_gradients(self) -> float:
         work = 2.0 if self.generalization else 0.0  # train and validation losses
@@ -226,6 +230,17 @@ def _radii(rho: float | Mapping[str, float], tags: list[str]) -> dict[str, float
             + "."
         )
     return {tag: rho[tag] for tag in tags}
+
+
+def _is_one_spec(kinds: object) -> bool:
+    """Whether ``kinds`` is a single tuple spec ``(kind, norm[, adaptive])`` rather than a sequence of specs."""
+    return (
+        isinstance(kinds, tuple)
+        and len(kinds) in (2, 3)
+        and kinds[0] in KINDS
+        and kinds[1] in NORMS
+        and (len(kinds) == 2 or isinstance(kinds[2], bool))
+    )
 
 
 def _tag(kind: str, norm: str, adaptive: bool) -> str:

@@ -20,7 +20,7 @@ COMMON = [
     ("loss_fn", ["mse", 3]),
     ("eval_mode", ["yes", 1, None]),
     ("strict", ["no", 0, None]),
-    ("seed", [1.5, "0", None, True]),
+    ("seed", [1.5, "0", None, True, -1, 2**64, 2**70]),
     ("max_overhead", [0, -0.05, 1.5, float("nan"), "5%", True]),
 ]
 SPECIFIC = {
@@ -146,3 +146,27 @@ def test_unsupported_strategy_refused_at_setup(tmp_path):
     t = trainer(tmp_path, [cb], max_steps=1, logger=False, strategy=FakeFSDP(device=torch.device("cpu")))
     with pytest.raises(RuntimeError, match="FSDPStrategy"):
         t.fit(DigitsModule(), train)
+
+
+def test_a_bare_tuple_spec_is_one_measure():
+    # ("worst_case", "l2") is one (kind, norm) spec, not two specs named "worst_case" and "l2"
+    assert SharpnessCallback(kinds=("worst_case", "l2")).tags == ["worst_case_l2"]
+    assert SharpnessCallback(kinds=("average_case", "linf", True)).tags == ["average_case_linf_adaptive"]
+    with pytest.raises(ValueError, match="kinds"):
+        SharpnessCallback(kinds=("worst_case", "l3"))
+
+
+def test_top_k_larger_than_the_parameter_count_is_refused_at_setup(tmp_path):
+    class Tiny(DigitsModule):
+        def __init__(self):
+            super().__init__(model=torch.nn.Linear(64, 1))  # 65 parameters
+            self.net.requires_grad_(True)
+
+        def training_step(self, batch, batch_idx):
+            return self(batch[0]).pow(2).mean()
+
+    train, _ = loaders(n_train=64, batch_size=32)
+    cb = HessianCallback(every_n_epochs=1, top_k=66, max_hvps=100)
+    with pytest.raises(ValueError, match=r"`top_k` must be at most the number of measured parameters \(65\), got 66"):
+        trainer(tmp_path, [cb], max_steps=2, logger=False).fit(Tiny(), train)
+    assert cb._measured_in_fit == 0

@@ -147,3 +147,47 @@ def test_strict_propagates(tmp_path, name):
     cb = CALLBACKS[name](loss_fn=_FailOnCall(2), strict=True)
     with pytest.raises(RuntimeError, match="injected failure"):
         _fit(tmp_path, cb)
+
+
+def _warnings_of(fn) -> list[str]:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fn()
+    return [str(w.message) for w in caught]
+
+
+@pytest.mark.parametrize(
+    ("make", "why"),
+    [
+        (lambda: HessianCallback(every_n_train_steps=100), "every_n_train_steps=100 and training ended at step 5"),
+        (lambda: HessianCallback(every_n_epochs=3), "every_n_epochs=3 and training ended after"),
+        (lambda: HessianCallback(), "the default schedule keeps measuring within 5%"),
+    ],
+)
+def test_a_fit_that_ends_before_the_first_measurement_says_so_once(tmp_path, make, why):
+    cb = make()
+    train, _ = loaders(n_train=192, batch_size=32)
+    said = _warnings_of(lambda: trainer(tmp_path, [cb], max_steps=5, logger=False).fit(DigitsModule(), train))
+    notes = [m for m in said if "no measurement was made in this fit" in m]
+    assert len(notes) == 1 and why in notes[0], said
+
+
+def test_resuming_with_other_arguments_says_what_was_dropped(tmp_path):
+    train, _ = loaders(n_train=128, batch_size=32)
+    ckpt = tmp_path / "last.ckpt"
+    first = trainer(tmp_path, [HessianCallback(every_n_train_steps=2, top_k=2)], max_steps=4, logger=False)
+    first.fit(DigitsModule(), train)
+    first.save_checkpoint(ckpt)
+    same = HessianCallback(every_n_train_steps=2, top_k=2)
+    said = _warnings_of(
+        lambda: trainer(tmp_path, [same], max_steps=6, max_epochs=2, logger=False).fit(DigitsModule(), train, ckpt_path=ckpt)
+    )
+    assert not [m for m in said if "other arguments" in m]
+    assert same._last_step == 4 and same.eigenvectors is not None  # restored from the checkpoint
+    other = HessianCallback(every_n_train_steps=2, top_k=3)
+    said = _warnings_of(
+        lambda: trainer(tmp_path, [other], max_steps=6, max_epochs=2, logger=False).fit(DigitsModule(), train, ckpt_path=ckpt)
+    )
+    notes = [m for m in said if "other arguments" in m]
+    assert len(notes) == 1 and "top_k: 2 -> 3" in notes[0] and "eigenvectors" in notes[0], said
+    assert other._last_step == -1  # not restored, and said so

@@ -149,6 +149,7 @@ class MeasurementCallback(Callback):
         self._val_taken = False
         self._validated = False  # the exact-product check ran once (LossOperator(validate=...))
         self._measured_in_fit = 0
+        self._countdown = [0]  # batches until on_train_batch_end next reads the optimizer step
         self._last_step = -1
         self._last_epoch = -1
         self._logger = MeasurementLogger(type(self).__name__)
@@ -271,6 +272,9 @@ class MeasurementCallback(Callback):
         batches are copied as the loop yields them."""
         loader = trainer.train_dataloader
         if safe_to_draw(loader):
+            shared = self._sibling_probe("_probe")
+            if shared is not None:  # the same batches another callback drew: one copy on the device, one draw
+                return shared
             return take_batches(loader, self.num_batches, seed=self.seed, transform=_loop_transform(trainer, 0))
         if self._collecting is None:
             self._collecting = []
@@ -305,8 +309,20 @@ class MeasurementCallback(Callback):
             if self._val_collecting is None:
                 self._val_collecting = []
             return None
+        shared = self._sibling_probe("_val_probe")
+        if shared is not None:
+            return shared
         batches = take_batches(loader, self.num_batches, seed=self.seed, transform=_loop_transform(trainer, 0))
         return batches or None
+
+    def _sibling_probe(self, attribute: str) -> list[Any] | None:
+        """A probe another callback on this trainer drew with the same ``num_batches`` and ``seed`` (so the same
+        batches), if there is one."""
+        for cb in self._siblings:
+            probe = getattr(cb, attribute)
+            if cb is not self and probe is not None and (cb.num_batches, cb.seed) == (self.num_batches, self.seed):
+                return probe
+        return None
 
     @property
     def needs_val_probe(self) -> bool:
@@ -318,6 +334,7 @@ class MeasurementCallback(Callback):
             self._probe = self._take_probe(trainer, pl_module)
         self._fixed_spent = 0.0
         self._measured_in_fit = 0
+        self._countdown = [0]  # read the step at the first batch
         if self._budget is not None:
             self._budget.start(time.perf_counter(), trainer.global_step)
 
@@ -363,13 +380,25 @@ class MeasurementCallback(Callback):
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
+        # An idle step must cost what an empty callback's does: count batches down to the next step that can be
+        # due (a batch advances the optimizer step by at most one, so this never skips one), reading the trainer
+        # only then.
+        countdown = self._countdown  # a one-element list: no attribute assignment (our __setattr__) per step
+        countdown[0] -= 1
+        if countdown[0] > 0:
+            return
         step = trainer.global_step
         if self._budget is not None:
             if step > 0 and step != self._last_step and self._budget.due(step):
                 self._check_budget(trainer, pl_module, step)
-        elif self.every_n_train_steps and step > 0 and step % self.every_n_train_steps == 0 and step != self._last_step:
-            self._last_step = step
-            self._run(trainer, pl_module)
+            countdown[0] = self._budget.next_check - step
+        elif self.every_n_train_steps:
+            if step > 0 and step % self.every_n_train_steps == 0 and step != self._last_step:
+                self._last_step = step
+                self._run(trainer, pl_module)
+            countdown[0] = self.every_n_train_steps - step % self.every_n_train_steps
+        else:
+            countdown[0] = 2**62  # measured at epoch ends only
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._collecting:  # an epoch shorter than num_batches: the probe is what it yielded

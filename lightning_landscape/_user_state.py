@@ -43,25 +43,10 @@ _SCALARS = (int, float, bool, str, bytes, type(None))
 _CONTAINERS = (list, dict, set)
 #: attributes every ``nn.Module`` has: torch's bookkeeping, never the user's
 _TORCH_KEYS = frozenset(nn.Module().__dict__)
-#: ``type -> keys of a fresh instance``, for framework bases such as LightningModule (computed once each)
-_BASE_KEYS: dict[type, frozenset[str]] = {}
 
 
 def _no_op(*args: Any, **kwargs: Any) -> None:
     return None
-
-
-def _framework_keys(module: nn.Module) -> frozenset[str]:
-    """Attributes a fresh instance of the module's framework base (LightningModule) has: Lightning's, not the user's."""
-    for base in type(module).__mro__:
-        if base.__name__ == "LightningModule":
-            if base not in _BASE_KEYS:
-                try:
-                    _BASE_KEYS[base] = frozenset(base().__dict__)
-                except Exception:  # a base that cannot be built bare: only torch's keys are known
-                    _BASE_KEYS[base] = _TORCH_KEYS
-            return _BASE_KEYS[base] | {"_trainer", "_fabric"}
-    return _TORCH_KEYS
 
 
 def _snapshot(module: nn.Module) -> list[tuple[dict[str, Any], str, Any]]:
@@ -69,9 +54,8 @@ def _snapshot(module: nn.Module) -> list[tuple[dict[str, Any], str, Any]]:
     for m in module.modules():
         if isinstance(m, Metric):
             continue  # frozen instead
-        skip = _framework_keys(m)
         for key, value in m.__dict__.items():
-            if key in skip:
+            if key in _TORCH_KEYS:  # Lightning's own plain attributes are restored too: a measurement changes none
                 continue
             if isinstance(value, _SCALARS):
                 saved.append((m.__dict__, key, value))

@@ -20,18 +20,17 @@ import contextlib
 import math
 from collections.abc import Callable, Iterator
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import pytorch_lightning as pl
 import torch
-from pytorch_lightning.loops.optimization.closure import AbstractClosure
-from pytorch_lightning.plugins.precision import MixedPrecision, Precision
-from pytorch_lightning.strategies import DDPStrategy, ParallelStrategy, SingleDeviceStrategy
-from pytorch_lightning.utilities import rank_zero_warn
+from lightning_utilities.core.rank_zero import rank_zero_warn
 from torch import Tensor
 
 from lightning_landscape._user_state import invisible_user_code
 from lightning_landscape.functional._perturbation import ascent_step
+
+if TYPE_CHECKING:  # SAMMixin works with either Lightning package: it subclasses neither
+    import pytorch_lightning as pl
 
 __all__ = ["SAMMixin"]
 
@@ -58,14 +57,16 @@ def _check_number(name: str, value: object, *, positive: bool) -> float:
     return float(value)
 
 
-class SAMMixin(pl.LightningModule):
+class SAMMixin:
     """Sharpness-aware minimization for a ``LightningModule``, switched on by ``self.sam = True``.
 
-    Mix it in before ``LightningModule`` (it is one, so the other order is a ``TypeError``);
-    ``training_step`` and ``configure_optimizers`` stay as they are. The settings are constructor
-    keywords (pass them on with ``**kwargs`` and ``LightningCLI`` sets them from YAML or the command
-    line, ``--model.sam=true``) and attributes you may change at any time (e.g. SAM only for the last
-    epochs); bad values raise when set.
+    Mix it in first: before ``LightningModule`` (of either package, ``lightning.pytorch`` or
+    ``pytorch_lightning``: the mixin subclasses neither), or before an existing ``LightningModule`` subclass
+    (``class Mine(SAMMixin, ExistingModel)``); after it would leave Lightning's own ``optimizer_step`` in charge,
+    so that order is a ``TypeError``. ``training_step`` and ``configure_optimizers`` stay as they are. The
+    settings are constructor keywords (pass them on with ``**kwargs`` and ``LightningCLI`` sets them from YAML
+    or the command line, ``--model.sam=true``) and attributes you may change at any time (e.g. SAM only for
+    the last epochs); bad values raise when set.
 
     Args:
         sam: the flag. Off, training is bitwise the same as without the mixin.
@@ -132,6 +133,16 @@ class SAMMixin(pl.LightningModule):
     _sam_sync_first: bool = False
     _sam_perturbed: bool = False
     _sam_originals: dict[int, Tensor] | None = None  # during the second pass: id(tensor) -> its value at w
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        mro = cls.__mro__
+        first_module = next((i for i, c in enumerate(mro) if c.__name__ == "LightningModule"), None)
+        if first_module is not None and first_module < mro.index(SAMMixin):
+            raise TypeError(
+                f"{cls.__name__}: put SAMMixin before the LightningModule in the bases "
+                f"(class {cls.__name__}(SAMMixin, ...)); after it, Lightning's optimizer_step would run and SAM never."
+            )
 
     def __init__(
         self,
@@ -207,7 +218,8 @@ class SAMMixin(pl.LightningModule):
         if stage == "fit" and self.sam:
             self._sam_check(self.trainer)
             plugin = self.trainer.precision_plugin
-            if type(plugin).optimizer_step not in (Precision.optimizer_step, MixedPrecision.optimizer_step):
+            stepping = type(plugin).optimizer_step.__qualname__
+            if stepping not in ("Precision.optimizer_step", "MixedPrecision.optimizer_step"):
                 rank_zero_warn(f"SAMMixin is untested with the precision plugin {type(plugin).__name__}.")
             if type(self).optimizer_step is not SAMMixin.optimizer_step:
                 rank_zero_warn(
@@ -230,7 +242,7 @@ class SAMMixin(pl.LightningModule):
             )
         strategy = trainer.strategy
         names = {cls.__name__ for cls in type(strategy).__mro__}
-        if names & set(_UNSUPPORTED_STRATEGIES) or not isinstance(strategy, (SingleDeviceStrategy, DDPStrategy)):
+        if names & set(_UNSUPPORTED_STRATEGIES) or not names & {"SingleDeviceStrategy", "DDPStrategy"}:
             raise ValueError(
                 f"SAMMixin supports single-device and DDP strategies, got {type(strategy).__name__}; "
                 f"unsupported: {', '.join(_UNSUPPORTED_STRATEGIES)}."
@@ -268,7 +280,7 @@ class SAMMixin(pl.LightningModule):
     def _sam_closure(self, optimizer: Any, closure: Callable[[], Any]) -> Any:
         trainer = self.trainer
         strategy = trainer.strategy
-        per_rank = not self.sam_sync_first and isinstance(strategy, ParallelStrategy) and trainer.world_size > 1
+        per_rank = not self.sam_sync_first and trainer.world_size > 1 and _is_a(strategy, "ParallelStrategy")
         # first pass at w: Lightning's closure (training_step, zero_grad, backward, hooks, logging)
         with strategy.block_backward_sync() if per_rank else contextlib.nullcontext():
             loss = closure()
@@ -296,7 +308,7 @@ class SAMMixin(pl.LightningModule):
             del eps, grads
         try:  # second pass at w + ε: gradient all-reduced under DDP, no logging, buffers kept
             with self._sam_second_pass({id(p): w for p, w in zip(params, saved, strict=True)}):
-                if isinstance(closure, AbstractClosure):
+                if _is_a(closure, "AbstractClosure"):
                     closure.closure()  # keeps the first pass's result as the step's output
                 else:
                     closure()
@@ -329,6 +341,11 @@ class SAMMixin(pl.LightningModule):
                 if saved:
                     with torch.no_grad():
                         torch._foreach_copy_([b for b, _ in saved], [c for _, c in saved])
+
+
+def _is_a(obj: object, class_name: str) -> bool:
+    """Whether ``obj``'s class or a base is named ``class_name`` (either Lightning package's class matches)."""
+    return any(cls.__name__ == class_name for cls in type(obj).__mro__)
 
 
 def _copies(tensors: list[Tensor]) -> list[Tensor]:

@@ -11,21 +11,23 @@ import ast
 import time
 import warnings
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import pytorch_lightning as pl
 import torch
-from matplotlib.figure import Figure
-from pytorch_lightning.callbacks import Callback
-from pytorch_lightning.utilities import rank_zero_info
+from lightning_utilities.core.rank_zero import rank_zero_info
 from torch import Tensor
 
+from lightning_landscape._lightning import concrete_class, rebuild
 from lightning_landscape._user_state import invisible_user_code
 from lightning_landscape.callbacks._budget import DEFAULT_MAX_OVERHEAD, OverheadBudget
 from lightning_landscape.callbacks._logging import MeasurementLogger
 from lightning_landscape.callbacks._probe import copy_batch, safe_to_draw, take_batches
 from lightning_landscape.functional import HVP_METHODS, LossOperator, MeasurementError
 from lightning_landscape.functional._batches import apply_to_tensors, clone_if_inference
+
+if TYPE_CHECKING:  # the user's Lightning package is chosen at run time (lightning_landscape._lightning)
+    import pytorch_lightning as pl
+    from matplotlib.figure import Figure
 
 LossFn = Callable[[torch.nn.Module, Any], Tensor]
 #: Rough seconds to draw and log one figure, for the cost estimate before a callback's first measurement.
@@ -69,8 +71,12 @@ def training_step_loss(module: pl.LightningModule, batch: Any) -> Tensor:
     return out
 
 
-class MeasurementCallback(Callback):
+class MeasurementCallback:
     """Base of the measurement callbacks (not used directly).
+
+    An instance is made a subclass of the ``Callback`` of the Lightning package(s) the process has imported
+    (``lightning.pytorch``, ``pytorch_lightning``, or both): a Trainer of either accepts it
+    (:mod:`lightning_landscape._lightning`).
 
     Args:
         every_n_train_steps: measure after every ``n`` optimizer steps.
@@ -88,6 +94,15 @@ class MeasurementCallback(Callback):
     """
 
     prefix = "measurement"
+    _lightning_bases: tuple[type, ...] | None = None
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> MeasurementCallback:
+        return object.__new__(concrete_class(cls))
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        abstract = next(c for c in type(self).__mro__ if c.__dict__.get("_lightning_bases") is None)
+        names = tuple(b.__module__.split(".callbacks")[0] for b in self._lightning_bases or ())
+        return rebuild, (abstract, names, dict(self.__dict__))
 
     def __init__(
         self,

@@ -1,34 +1,53 @@
-"""Where measurements go: scalars through every logger, images to TensorBoard or PNG files."""
+"""Where measurements go: scalars through every logger, images and notes through each logger's adapter."""
 
 from __future__ import annotations
 
-import os
+from typing import TYPE_CHECKING
 
-import numpy as np
-import pytorch_lightning as pl
-from matplotlib.figure import Figure
-from pytorch_lightning.loggers import TensorBoardLogger
-from pytorch_lightning.utilities import rank_zero_warn
+from lightning_utilities.core.rank_zero import rank_zero_warn
 
+from lightning_landscape.loggers import LoggerAdapter, adapter_for
 from lightning_landscape.plotting import figure_to_array
+
+if TYPE_CHECKING:
+    import pytorch_lightning as pl
+    from matplotlib.figure import Figure
 
 
 class MeasurementLogger:
-    """Writes one callback's scalars, images and notes to the trainer's loggers (rank zero only).
+    """Writes one callback's scalars, images and notes to every logger of the trainer (rank zero only).
 
-    Scalars go through ``log_metrics`` of every logger. Images go to a TensorBoard logger's
-    ``experiment.add_image``; with another logger they become PNG files under its directory,
-    with one warning. With no logger at all, one warning and nothing is written.
+    Scalars go through ``log_metrics`` of every logger; images and text notes through the logger's adapter
+    (:mod:`lightning_landscape.loggers`: TensorBoard, W&B, MLflow, Comet, any logger with ``log_image``, PNG files
+    for the rest). With no logger at all, one warning and nothing is written.
     """
 
     def __init__(self, owner: str) -> None:
         self.owner = owner
         self._warned: set[str] = set()
+        self._adapters: dict[int, LoggerAdapter] = {}
 
     def warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:
             self._warned.add(key)
             rank_zero_warn(f"{self.owner}: {message}")
+
+    def _adapter(self, logger: object) -> LoggerAdapter:
+        adapter = self._adapters.get(id(logger))
+        if adapter is None or adapter.logger is not logger:
+            adapter = self._adapters[id(logger)] = adapter_for(logger)
+            if adapter.kind == "files":
+                self.warn_once(
+                    f"png-{type(logger).__name__}",
+                    f"{type(logger).__name__} cannot show images; they are saved as PNG files under "
+                    f"{adapter.directory}/images (notes in notes.txt).",
+                )
+            if adapter.kind == "none":
+                self.warn_once(
+                    f"no-images-{type(logger).__name__}",
+                    f"{type(logger).__name__} has neither an image API nor a directory; it gets scalars only.",
+                )
+        return adapter
 
     def log(
         self,
@@ -44,36 +63,17 @@ class MeasurementLogger:
         if not trainer.loggers:
             self.warn_once("no-logger", "the trainer has no logger; measurements are kept only in `last_metrics`.")
             return
+        images = {tag: figure_to_array(fig) for tag, fig in figures.items()}
         for logger in trainer.loggers:
             if scalars:
                 logger.log_metrics(scalars, step=step)
-            for tag, fig in figures.items():
-                self._log_image(logger, tag, figure_to_array(fig), step)
-
-    def _log_image(self, logger: object, tag: str, image: np.ndarray, step: int) -> None:
-        if isinstance(logger, TensorBoardLogger):
-            logger.experiment.add_image(tag, image, global_step=step, dataformats="HWC")
-            return
-        directory = getattr(logger, "log_dir", None) or getattr(logger, "save_dir", None)
-        if directory is None:
-            self.warn_once(
-                f"no-dir-{type(logger).__name__}", f"{type(logger).__name__} has no directory; images are not saved."
-            )
-            return
-        self.warn_once(
-            f"png-{type(logger).__name__}",
-            f"{type(logger).__name__} cannot show images; they are saved as PNG files under {directory}/images.",
-        )
-        from matplotlib.image import imsave
-
-        path = os.path.join(directory, "images", f"{tag.replace('/', '_')}_step{step:08d}.png")
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        imsave(path, image)
+            adapter = self._adapter(logger)
+            for tag, image in images.items():
+                adapter.image(tag, image, step)
 
     def note(self, trainer: pl.Trainer, tag: str, text: str) -> None:
-        """A text note (e.g. which HVP method ran) to TensorBoard's text tab, if there is one."""
+        """A text note (e.g. which HVP method ran and why) to every logger."""
         if not trainer.is_global_zero:
             return
         for logger in trainer.loggers:
-            if isinstance(logger, TensorBoardLogger):
-                logger.experiment.add_text(tag, text, global_step=trainer.global_step)
+            self._adapter(logger).text(tag, text, trainer.global_step)

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import pytorch_lightning as pl
 import torch
-from matplotlib.figure import Figure
 
 from lightning_landscape.callbacks._base import LossFn, MeasurementCallback, check_bool, check_positive_int
 from lightning_landscape.functional import slq_density, top_eigenvalues, trace_estimate
 from lightning_landscape.plotting import spectral_density_figure
+
+if TYPE_CHECKING:
+    import pytorch_lightning as pl
+    from matplotlib.figure import Figure
 
 
 class HessianCallback(MeasurementCallback):

@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import pytorch_lightning as pl
 import torch
-from matplotlib.figure import Figure
 from torch import Tensor
 
 from lightning_landscape.callbacks._base import LossFn, MeasurementCallback, check_bool
@@ -15,6 +13,10 @@ from lightning_landscape.functional._params import ParamSpec
 from lightning_landscape.functional._random import gaussian
 from lightning_landscape.functional.surface import check_grid_args, filter_normalize, loss_line, loss_surface
 from lightning_landscape.plotting import line_figure, surface_figure
+
+if TYPE_CHECKING:
+    import pytorch_lightning as pl
+    from matplotlib.figure import Figure
 
 
 class LossLandscapeCallback(MeasurementCallback):

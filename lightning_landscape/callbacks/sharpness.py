@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
 
-import pytorch_lightning as pl
 import torch
-from matplotlib.figure import Figure
 
 from lightning_landscape.callbacks._base import LossFn, MeasurementCallback, check_bool
 from lightning_landscape.functional.sharpness import KINDS, NORMS, check_sharpness_args, sharpness_estimate
+
+if TYPE_CHECKING:
+    import pytorch_lightning as pl
+    from matplotlib.figure import Figure
+
 
 __all__ = ["DEFAULT_KINDS", "SharpnessCallback", "parse_sharpness_spec"]
 

@@ -4,9 +4,11 @@ Lightning ships as two packages with the same classes under two names: the unifi
 ``lightning.pytorch``, what Lightning's docs teach) and the standalone ``pytorch_lightning``. A Trainer of one
 accepts only callbacks that subclass *its* ``Callback``. So:
 
-- the callbacks are built, when constructed, as a subclass of the ``Callback`` of every Lightning package the
-  process has imported (the user's choice; both if both are imported), importing one only when none is (then the
-  ``pytorch_lightning`` this project depends on, or ``lightning`` if only that is installed);
+- the callbacks subclass the ``Callback`` of every Lightning package the process has imported when
+  ``lightning_landscape``'s callbacks are first used (the user's choice; both if both are imported), importing one
+  only when none is (then the ``pytorch_lightning`` this project depends on, or ``lightning`` if only that is
+  installed); a package imported later is added per instance (:func:`concrete_class`), so its Trainer accepts
+  them too (LightningCLI's class-path check, done on the class, sees the packages imported at first use);
 - ``SAMMixin`` subclasses neither: it is a plain mixin placed before the user's ``LightningModule``, and reads the
   classes it needs from the package that module's class comes from (:func:`namespace_of`);
 - loggers are recognised by class name (``TensorBoardLogger``, ``WandbLogger``, …), so either package's work.
@@ -25,7 +27,12 @@ import sys
 from types import ModuleType
 from typing import Any
 
-__all__ = ["NAMESPACES", "callback_bases", "concrete_class", "imported_namespaces", "namespace_of"]
+__all__ = ["NAMESPACES", "callback_bases", "concrete_class", "imported_namespaces", "namespace_of", "public_class"]
+
+#: type hints for either package's classes (a real class would tie a signature to one package, and tools that
+#: resolve hints, such as LightningCLI's jsonargparse, would import it)
+Trainer = Any
+LightningModule = Any
 
 #: the two names of Lightning's PyTorch package, the unified one first
 NAMESPACES = ("lightning.pytorch", "pytorch_lightning")
@@ -72,24 +79,32 @@ def callback_bases() -> tuple[type, ...]:
     return tuple(ns.Callback for ns in namespaces)
 
 
-def concrete_class(cls: type, bases: tuple[type, ...] | None = None) -> type:
-    """``cls`` made a subclass of ``bases`` (default :func:`callback_bases`): one class per combination, cached,
-    with ``cls``'s name, so ``isinstance(obj, cls)`` holds and Lightning's state keys read the same."""
-    if getattr(cls, "_lightning_bases", None) is not None:
-        return cls  # already concrete (a copy or an unpickled object)
-    bases = callback_bases() if bases is None else bases
-    key = (cls, bases)
+def concrete_class(cls: type) -> type:
+    """``cls``, or (when a Lightning package was imported after ``cls`` was defined) a subclass of it that also
+    subclasses that package's ``Callback``: one class per combination, cached, with ``cls``'s name, so
+    ``isinstance(obj, cls)`` holds and Lightning's state keys read the same."""
+    missing = tuple(base for base in callback_bases() if not issubclass(cls, base))
+    if not missing:
+        return cls
+    key = (cls, missing)
     if key not in _CONCRETE:
-        concrete = type(cls.__name__, (cls, *bases), {"_lightning_bases": bases, "__module__": cls.__module__})
+        concrete = type(cls.__name__, (cls, *missing), {"__module__": cls.__module__})
         concrete.__qualname__ = cls.__qualname__
         _CONCRETE[key] = concrete
     return _CONCRETE[key]
 
 
-def rebuild(cls: type, bases: tuple[str, ...], state: dict[str, Any]) -> object:
-    """Unpickle an object of ``concrete_class(cls)`` (``bases`` by module name, imported again if needed)."""
-    modules = [sys.modules.get(name) or importlib.import_module(name) for name in bases]
-    obj = object.__new__(concrete_class(cls, tuple(m.Callback for m in modules)))
+def public_class(obj: object) -> type:
+    """The class ``obj`` was built as (``concrete_class``'s argument), for pickling by reference."""
+    for klass in type(obj).__mro__:
+        if klass not in _CONCRETE.values():
+            return klass
+    return type(obj)
+
+
+def rebuild(cls: type, state: dict[str, Any]) -> object:
+    """Unpickle an object of ``concrete_class(cls)`` with ``state`` as its ``__dict__``."""
+    obj = object.__new__(concrete_class(cls))
     obj.__dict__.update(state)
     return obj
 

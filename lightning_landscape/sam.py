@@ -20,17 +20,15 @@ import contextlib
 import math
 from collections.abc import Callable, Iterator
 from functools import partial
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from lightning_utilities.core.rank_zero import rank_zero_warn
 from torch import Tensor
 
+from lightning_landscape._lightning import Trainer
 from lightning_landscape._user_state import invisible_user_code
 from lightning_landscape.functional._perturbation import ascent_step
-
-if TYPE_CHECKING:  # SAMMixin works with either Lightning package: it subclasses neither
-    import pytorch_lightning as pl
 
 __all__ = ["SAMMixin"]
 
@@ -101,7 +99,7 @@ class SAMMixin:
         >>> import pytorch_lightning as pl
         >>> import torch
         >>> from torch.utils.data import DataLoader, TensorDataset
-        >>> class Model(SAMMixin, pl.LightningModule):
+        >>> class Model(SAMMixin, LightningModule):
         ...     def __init__(self, **kwargs):
         ...         super().__init__(**kwargs)
         ...         self.net = torch.nn.Linear(4, 1)
@@ -114,7 +112,7 @@ class SAMMixin:
         >>> model.sam, model.sam_rho, model.sam_adaptive
         (True, 0.1, False)
         >>> data = DataLoader(TensorDataset(torch.randn(8, 4), torch.randn(8, 1)), batch_size=4)
-        >>> trainer = pl.Trainer(max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        >>> trainer = Trainer(max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
         ...                      enable_model_summary=False, accelerator="cpu")
         >>> trainer.fit(model, data)
         >>> trainer.global_step
@@ -228,7 +226,7 @@ class SAMMixin:
                 )
         super().setup(stage)
 
-    def _sam_check(self, trainer: pl.Trainer) -> None:
+    def _sam_check(self, trainer: Trainer) -> None:
         if not self.automatic_optimization:
             raise ValueError(
                 "SAMMixin needs automatic optimization (`self.automatic_optimization = True`); with manual "

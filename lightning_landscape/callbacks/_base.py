@@ -17,7 +17,14 @@ import torch
 from lightning_utilities.core.rank_zero import rank_zero_info
 from torch import Tensor
 
-from lightning_landscape._lightning import concrete_class, rebuild
+from lightning_landscape._lightning import (
+    LightningModule,
+    Trainer,
+    callback_bases,
+    concrete_class,
+    public_class,
+    rebuild,
+)
 from lightning_landscape._user_state import invisible_user_code
 from lightning_landscape.callbacks._budget import DEFAULT_MAX_OVERHEAD, OverheadBudget
 from lightning_landscape.callbacks._logging import MeasurementLogger
@@ -25,8 +32,7 @@ from lightning_landscape.callbacks._probe import copy_batch, safe_to_draw, take_
 from lightning_landscape.functional import HVP_METHODS, LossOperator, MeasurementError
 from lightning_landscape.functional._batches import apply_to_tensors, clone_if_inference
 
-if TYPE_CHECKING:  # the user's Lightning package is chosen at run time (lightning_landscape._lightning)
-    import pytorch_lightning as pl
+if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 LossFn = Callable[[torch.nn.Module, Any], Tensor]
@@ -50,7 +56,7 @@ def check_bool(name: str, value: object) -> None:
         raise TypeError(f"`{name}` must be True or False, got {value!r}.")
 
 
-def training_step_loss(module: pl.LightningModule, batch: Any) -> Tensor:
+def training_step_loss(module: LightningModule, batch: Any) -> Tensor:
     """The loss the module's own ``training_step`` returns (``out`` or ``out["loss"]``), with
     ``self.log`` / ``self.log_dict`` silenced while it runs."""
     silenced = {"log": lambda *a, **k: None, "log_dict": lambda *a, **k: None}
@@ -71,12 +77,11 @@ def training_step_loss(module: pl.LightningModule, batch: Any) -> Tensor:
     return out
 
 
-class MeasurementCallback:
+class MeasurementCallback(*callback_bases()):
     """Base of the measurement callbacks (not used directly).
 
-    An instance is made a subclass of the ``Callback`` of the Lightning package(s) the process has imported
-    (``lightning.pytorch``, ``pytorch_lightning``, or both): a Trainer of either accepts it
-    (:mod:`lightning_landscape._lightning`).
+    A subclass of the ``Callback`` of the Lightning package(s) the process has imported (``lightning.pytorch``,
+    ``pytorch_lightning``, or both): a Trainer of either accepts it (:mod:`lightning_landscape._lightning`).
 
     Args:
         every_n_train_steps: measure after every ``n`` optimizer steps.
@@ -94,15 +99,12 @@ class MeasurementCallback:
     """
 
     prefix = "measurement"
-    _lightning_bases: tuple[type, ...] | None = None
 
     def __new__(cls, *args: Any, **kwargs: Any) -> MeasurementCallback:
-        return object.__new__(concrete_class(cls))
+        return object.__new__(concrete_class(cls))  # adds a Lightning package imported since this module was
 
     def __reduce__(self) -> tuple[Any, ...]:
-        abstract = next(c for c in type(self).__mro__ if c.__dict__.get("_lightning_bases") is None)
-        names = tuple(b.__module__.split(".callbacks")[0] for b in self._lightning_bases or ())
-        return rebuild, (abstract, names, dict(self.__dict__))
+        return rebuild, (public_class(self), dict(self.__dict__))
 
     def __init__(
         self,
@@ -223,7 +225,7 @@ class MeasurementCallback:
             self._budget.last_cost = self._restored_cost
 
     # ------------------------------------------------------------------ environment
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage != "fit":
             return
         strategy = type(trainer.strategy).__name__
@@ -245,16 +247,16 @@ class MeasurementCallback:
                 share = DEFAULT_MAX_OVERHEAD / max(len(sharing), 1)
             self._budget = OverheadBudget(share=share, last_cost=self._restored_cost)
 
-    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # after `configure_model`: the parameters exist now, so arguments that depend on them are checked here
         self.check_model(pl_module)
 
-    def check_model(self, pl_module: pl.LightningModule) -> None:
+    def check_model(self, pl_module: LightningModule) -> None:
         """Raise a ``ValueError`` naming the argument if this callback's arguments do not fit the model."""
         if not any(p.requires_grad for p in pl_module.parameters()):
             raise ValueError(f"{type(self).__name__}: the module has no parameter with requires_grad to measure.")
 
-    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
+    def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict) -> None:
         """Say so when the checkpoint holds this callback's state under other arguments (it is then not restored)."""
         saved = [k for k in checkpoint.get("callbacks", {}) if isinstance(k, str) and k.startswith(type(self).__name__)]
         if not saved or self.state_key in saved:
@@ -282,7 +284,7 @@ class MeasurementCallback:
         """What is lost when a checkpoint's state cannot be restored (for the resume warning)."""
         return "the schedule's position, the random generator and the cost of the last measurement"
 
-    def _take_probe(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> list[Any] | None:
+    def _take_probe(self, trainer: Trainer, pl_module: LightningModule) -> list[Any] | None:
         """The train probe drawn now if the loader allows it (:func:`safe_to_draw`); otherwise ``None`` and the
         batches are copied as the loop yields them."""
         loader = trainer.train_dataloader
@@ -295,7 +297,7 @@ class MeasurementCallback:
             self._collecting = []
         return None
 
-    def val_probe(self, trainer: pl.Trainer) -> list[Any] | None:
+    def val_probe(self, trainer: Trainer) -> list[Any] | None:
         """The validation probe set: drawn once on first use from a loader that allows it, else the first
         ``num_batches`` batches of the first validation loader copied as they passed (``None`` until then, and
         without a validation loader)."""
@@ -307,7 +309,7 @@ class MeasurementCallback:
                 self._val_probe, self._val_collecting = self._val_collecting, None
         return self._val_probe
 
-    def take_val_probe(self, trainer: pl.Trainer) -> list[Any] | None:
+    def take_val_probe(self, trainer: Trainer) -> list[Any] | None:
         """``num_batches`` fixed batches of the (first) validation loader drawn now if it allows it
         (:func:`safe_to_draw`); ``None`` otherwise (then they are copied as validation yields them)."""
         loader = _first_loader(trainer.val_dataloaders)
@@ -344,7 +346,7 @@ class MeasurementCallback:
         """Whether measurements use validation batches (then they are collected as validation runs)."""
         return False
 
-    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self._probe is None:
             self._probe = self._take_probe(trainer, pl_module)
         self._fixed_spent = 0.0
@@ -354,7 +356,7 @@ class MeasurementCallback:
             self._budget.start(time.perf_counter(), trainer.global_step)
 
     def on_train_batch_start(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+        self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int
     ) -> None:
         collecting = self._collecting
         if collecting is not None:
@@ -363,7 +365,7 @@ class MeasurementCallback:
                 self._probe, self._collecting = collecting, None
 
     def on_validation_batch_start(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
+        self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
     ) -> None:
         if self.needs_val_probe and not self._val_taken:
             self.val_probe(trainer)  # decides: drawn now (a loader that allows it) or copied from here on
@@ -373,7 +375,7 @@ class MeasurementCallback:
             if len(collecting) >= self.num_batches:
                 self._val_probe, self._val_collecting = collecting, None
 
-    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self._measured_in_fit or trainer.sanity_checking:
             return
         step = trainer.global_step
@@ -393,7 +395,7 @@ class MeasurementCallback:
 
     # ------------------------------------------------------------------ schedule
     def on_train_batch_end(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         # An idle step must cost what an empty callback's does: count batches down to the next step that can be
         # due (a batch advances the optimizer step by at most one, so this never skips one), reading the trainer
@@ -415,7 +417,7 @@ class MeasurementCallback:
         else:
             countdown[0] = 2**62  # measured at epoch ends only
 
-    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self._collecting:  # an epoch shorter than num_batches: the probe is what it yielded
             self._probe, self._collecting = self._collecting, None
             self._logger.warn_once(
@@ -428,7 +430,7 @@ class MeasurementCallback:
             self._last_epoch = epoch
             self._run(trainer, pl_module)
 
-    def _check_budget(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> None:
+    def _check_budget(self, trainer: Trainer, pl_module: LightningModule, step: int) -> None:
         """A check of the default schedule: measure if the budget pays for it, then plan the next check.
 
         Decisions and plans are rank zero's, broadcast, so that every rank measures at the same steps.
@@ -456,7 +458,7 @@ class MeasurementCallback:
     def _others_spent(self) -> float:
         return sum(cb._spent_seconds for cb in self._siblings if cb is not self)
 
-    def _estimate_cost(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> float:
+    def _estimate_cost(self, trainer: Trainer, pl_module: LightningModule) -> float:
         """Seconds a measurement should take, before the first: one timed probe gradient times
         :meth:`work_in_gradients`, plus :data:`FIGURE_SECONDS` per figure (rank zero draws them)."""
         _synchronize(pl_module)
@@ -487,7 +489,7 @@ class MeasurementCallback:
         return self.loss_fn or training_step_loss
 
     @staticmethod
-    def reduce_fn(trainer: pl.Trainer) -> Callable[[Tensor], Tensor] | None:
+    def reduce_fn(trainer: Trainer) -> Callable[[Tensor], Tensor] | None:
         """Sum across processes through the trainer's strategy (``None`` on one process)."""
         if trainer.world_size <= 1:
             return None
@@ -497,7 +499,7 @@ class MeasurementCallback:
 
         return reduce_sum
 
-    def operator(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batches: Sequence[Any]) -> LossOperator:
+    def operator(self, trainer: Trainer, pl_module: LightningModule, batches: Sequence[Any]) -> LossOperator:
         """A loss operator over ``batches`` for the module, reducing across processes under DDP."""
         return LossOperator(
             pl_module,
@@ -510,14 +512,14 @@ class MeasurementCallback:
             validate=not self._validated,
         )
 
-    def measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> tuple[dict[str, float], dict[str, Figure]]:
+    def measure(self, trainer: Trainer, pl_module: LightningModule) -> tuple[dict[str, float], dict[str, Figure]]:
         """Compute this callback's scalars and figures (full tags). Subclasses override.
 
         Scalar names without ``/`` get the callback's prefix; names containing ``/`` are full tags.
         """
         raise NotImplementedError
 
-    def note_method(self, trainer: pl.Trainer, op: LossOperator) -> None:
+    def note_method(self, trainer: Trainer, op: LossOperator) -> None:
         """Record which HVP method ran and what the exact-product check found, once per run (in the console and
         TensorBoard's text tab); an explicitly chosen method that failed the check warns once."""
         if op.product_check:
@@ -541,7 +543,7 @@ class MeasurementCallback:
                 "'finite_difference'.",
             )
 
-    def _run(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def _run(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if trainer.sanity_checking:
             return
         if self._probe is None:
@@ -563,7 +565,7 @@ class MeasurementCallback:
             else:
                 self._fixed_spent += end - start
 
-    def _measure_and_log(self, trainer: pl.Trainer, pl_module: pl.LightningModule, start: float) -> None:
+    def _measure_and_log(self, trainer: Trainer, pl_module: LightningModule, start: float) -> None:
         error: BaseException | None = None
         try:
             with invisible_user_code(pl_module), warnings.catch_warnings():
@@ -592,7 +594,7 @@ class MeasurementCallback:
         self._logger.log(trainer, metrics, figures)
 
 
-def _loop_transform(trainer: pl.Trainer, dataloader_idx: int) -> Callable[[Any], Any]:
+def _loop_transform(trainer: Trainer, dataloader_idx: int) -> Callable[[Any], Any]:
     """What the loop does to a batch before its step: precision conversion, the module's batch-transfer hooks,
     the move to the device (then autograd-safe copies of inference tensors)."""
     module = trainer.lightning_module
@@ -609,7 +611,7 @@ def _loop_transform(trainer: pl.Trainer, dataloader_idx: int) -> Callable[[Any],
     return transform
 
 
-def _synchronize(pl_module: pl.LightningModule) -> None:
+def _synchronize(pl_module: LightningModule) -> None:
     if pl_module.device.type == "cuda":
         torch.cuda.synchronize(pl_module.device)
 

@@ -6,11 +6,11 @@ from typing import TYPE_CHECKING
 
 from lightning_utilities.core.rank_zero import rank_zero_warn
 
+from lightning_landscape._lightning import Trainer
 from lightning_landscape.loggers import LoggerAdapter, adapter_for
 from lightning_landscape.plotting import figure_to_array
 
 if TYPE_CHECKING:
-    import pytorch_lightning as pl
     from matplotlib.figure import Figure
 
 
@@ -51,7 +51,7 @@ class MeasurementLogger:
 
     def log(
         self,
-        trainer: pl.Trainer,
+        trainer: Trainer,
         scalars: dict[str, float],
         figures: dict[str, Figure] | None = None,
         step: int | None = None,
@@ -71,7 +71,7 @@ class MeasurementLogger:
             for tag, image in images.items():
                 adapter.image(tag, image, step)
 
-    def note(self, trainer: pl.Trainer, tag: str, text: str) -> None:
+    def note(self, trainer: Trainer, tag: str, text: str) -> None:
         """A text note (e.g. which HVP method ran and why) to every logger."""
         if not trainer.is_global_zero:
             return

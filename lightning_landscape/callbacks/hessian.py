@@ -6,12 +6,12 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from lightning_landscape._lightning import LightningModule, Trainer
 from lightning_landscape.callbacks._base import LossFn, MeasurementCallback, check_bool, check_positive_int
 from lightning_landscape.functional import slq_density, top_eigenvalues, trace_estimate
 from lightning_landscape.plotting import spectral_density_figure
 
 if TYPE_CHECKING:
-    import pytorch_lightning as pl
     from matplotlib.figure import Figure
 
 
@@ -111,7 +111,7 @@ class HessianCallback(MeasurementCallback):
         self.density_steps = density_steps
         self.eigenvectors: torch.Tensor | None = None
 
-    def check_model(self, pl_module: pl.LightningModule) -> None:
+    def check_model(self, pl_module: LightningModule) -> None:
         super().check_model(pl_module)
         count = sum(p.numel() for p in pl_module.parameters() if p.requires_grad)
         if self.top_k > count:
@@ -140,7 +140,7 @@ class HessianCallback(MeasurementCallback):
         super().load_state_dict(state_dict)
         self.eigenvectors = state_dict.get("eigenvectors")
 
-    def measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> tuple[dict[str, float], dict[str, Figure]]:
+    def measure(self, trainer: Trainer, pl_module: LightningModule) -> tuple[dict[str, float], dict[str, Figure]]:
         scalars: dict[str, float] = {}
         figures: dict[str, Figure] = {}
         with self.operator(trainer, pl_module, self._probe) as op:
@@ -175,7 +175,7 @@ class HessianCallback(MeasurementCallback):
         return scalars, figures
 
 
-def _eos_ratio(trainer: pl.Trainer, top_eigenvalue: float) -> float | None:
+def _eos_ratio(trainer: Trainer, top_eigenvalue: float) -> float | None:
     """``lr·λ₁ / (2 + 2β)`` for plain/momentum SGD (Cohen et al. 2021's edge of stability), else ``None``."""
     if not trainer.optimizers or not isinstance(trainer.optimizers[0], torch.optim.SGD):
         return None

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
+from lightning_landscape._lightning import LightningModule, Trainer
 from lightning_landscape.callbacks._base import LossFn, MeasurementCallback, check_bool
 from lightning_landscape.functional._params import ParamSpec
 from lightning_landscape.functional._random import gaussian
@@ -15,7 +16,6 @@ from lightning_landscape.functional.surface import check_grid_args, filter_norma
 from lightning_landscape.plotting import line_figure, surface_figure
 
 if TYPE_CHECKING:
-    import pytorch_lightning as pl
     from matplotlib.figure import Figure
 
 
@@ -141,7 +141,7 @@ class LossLandscapeCallback(MeasurementCallback):
         self.directions = gaussian((2, numel), self.generator, torch.float32, torch.device("cpu"))
         return self.directions
 
-    def measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> tuple[dict[str, float], dict[str, Figure]]:
+    def measure(self, trainer: Trainer, pl_module: LightningModule) -> tuple[dict[str, float], dict[str, Figure]]:
         spec = ParamSpec(pl_module)
         dirs = filter_normalize(pl_module, self._raw_directions(spec.numel), include_1d=self.include_1d)
         loss_fn = self.resolved_loss_fn

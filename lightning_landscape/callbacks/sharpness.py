@@ -7,11 +7,11 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from lightning_landscape._lightning import LightningModule, Trainer
 from lightning_landscape.callbacks._base import LossFn, MeasurementCallback, check_bool
 from lightning_landscape.functional.sharpness import KINDS, NORMS, check_sharpness_args, sharpness_estimate
 
 if TYPE_CHECKING:
-    import pytorch_lightning as pl
     from matplotlib.figure import Figure
 
 
@@ -189,7 +189,7 @@ class SharpnessCallback(MeasurementCallback):
         """The scalar names of the sharpness measures, ``<kind>_<norm>[_adaptive]``, in order."""
         return list(self._tags)
 
-    def measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> tuple[dict[str, float], dict[str, Figure]]:
+    def measure(self, trainer: Trainer, pl_module: LightningModule) -> tuple[dict[str, float], dict[str, Figure]]:
         scalars: dict[str, float] = {}
         with self.operator(trainer, pl_module, self._probe) as op:
             for (kind, norm, adaptive), tag in zip(self.specs, self._tags, strict=True):

@@ -55,14 +55,15 @@ def costing(cb, clock: FakeClock, cost: float) -> list[int]:
 
 
 def test_measures_when_the_budget_pays(tmp_path, clock):
-    # share 1/8, cost 2 s, 1 s per step: each measurement waits 16 s (steps) after the last
+    # share 1/8, cost 2 s, 1 s per step: each measurement waits 16 s (steps) after the last; the fit ends
+    # with one more frame, of the final weights (step 100), on top of the budget
     train, _ = loaders(n_train=800, batch_size=8)  # 100 steps
     cb = HessianCallback(max_overhead=0.125)
     steps = costing(cb, clock, 2.0)
     trainer(tmp_path, [clock, cb]).fit(DigitsModule(), train)
-    assert steps == [16, 32, 48, 64, 80, 96]
+    assert steps == [16, 32, 48, 64, 80, 96, 100]
     assert sorted(scalar_steps(read_events(tmp_path), "hessian/eigenvalue_1")) == steps
-    assert cb._spent_seconds == 12.0 <= 0.125 * 100
+    assert cb._spent_seconds == 14.0 <= 0.125 * 100 + 2.0
 
 
 def test_default_share_is_split_and_siblings_time_is_not_training_time(tmp_path, clock):
@@ -73,7 +74,7 @@ def test_default_share_is_split_and_siblings_time_is_not_training_time(tmp_path,
     steps = [costing(cb, clock, 0.49) for cb in cbs]
     trainer(tmp_path, [clock, *cbs]).fit(DigitsModule(), train)
     assert all(cb._budget.share == pytest.approx(DEFAULT_MAX_OVERHEAD / 3) for cb in cbs)
-    assert steps == [[30, 60, 90]] * 3
+    assert steps == [[30, 60, 90]] * 3  # the last is also the end of the fit: no extra frame
     total = sum(cb._spent_seconds for cb in cbs)
     assert total == pytest.approx(9 * 0.49) and total / clock.now == pytest.approx(4.41 / 94.41)  # 4.7%
 
@@ -86,7 +87,7 @@ def test_explicit_schedules_do_not_share_but_are_not_training_time(tmp_path, clo
     steps = costing(budgeted, clock, 2.0)
     trainer(tmp_path, [clock, fixed, budgeted]).fit(DigitsModule(), train)
     assert budgeted._budget.share == 0.125
-    assert steps == [16, 32, 48, 64, 80, 96]
+    assert steps == [16, 32, 48, 64, 80, 96, 100]
 
 
 def test_first_measurement_waits_for_the_estimate(tmp_path, clock, monkeypatch):
@@ -196,3 +197,39 @@ def test_state_key_is_built_once_and_again_after_a_field_changes():
     assert cb.state_key is key
     cb.top_k = 3
     assert cb.state_key != key and "'top_k': 3" in cb.state_key
+
+
+def test_first_frame_within_a_minute_or_the_first_epoch_and_one_at_the_end(tmp_path, clock):
+    # a 5 s measurement at 2% would first wait 250 s: the first frame comes after 60 s of training instead
+    train, _ = loaders(n_train=1600, batch_size=8)  # 200 steps of 1 s: 200 s
+    cb = HessianCallback(max_overhead=0.02)
+    steps = costing(cb, clock, 5.0)
+    trainer(tmp_path, [clock, cb]).fit(DigitsModule(), train)
+    assert steps[0] == 60 and steps[-1] == 200  # then the budget waits 250 s: only the end of the fit
+    assert steps == [60, 200]
+
+
+def test_first_frame_at_the_end_of_the_first_epoch_when_that_comes_first(tmp_path, clock):
+    train, _ = loaders(n_train=160, batch_size=8)  # 20 steps an epoch, 3 epochs
+    cb = HessianCallback(max_overhead=0.02)
+    steps = costing(cb, clock, 5.0)
+    trainer(tmp_path, [clock, cb], max_epochs=3).fit(DigitsModule(), train)
+    assert steps == [20, 60]  # end of epoch 1, then the end of the fit (the budget would wait 250 s)
+
+
+def test_validate_and_test_measure_once_after_the_fact(tmp_path):
+    _, val = loaders(n_train=64, n_val=64, batch_size=32)
+    cb = HessianCallback(top_k=2, num_batches=2)
+    t = trainer(tmp_path, [cb], max_epochs=1)
+
+    class Tested(DigitsModule):
+        def test_step(self, batch, batch_idx):
+            return self.validation_step(batch, batch_idx)
+
+    model = Tested()
+    t.validate(model, val)
+    assert set(cb.last_metrics) >= {"hessian/eigenvalue_1", "hessian/eigenvalue_2"}
+    first = dict(cb.last_metrics)
+    cb.last_metrics = {}
+    t.test(model, val)
+    assert cb.last_metrics["hessian/eigenvalue_1"] == pytest.approx(first["hessian/eigenvalue_1"], rel=2e-3)

@@ -178,16 +178,15 @@ def test_resuming_with_other_arguments_says_what_was_dropped(tmp_path):
     first = trainer(tmp_path, [HessianCallback(every_n_train_steps=2, top_k=2)], max_steps=4, logger=False)
     first.fit(DigitsModule(), train)
     first.save_checkpoint(ckpt)
+    def resume(cb):
+        return trainer(tmp_path, [cb], max_steps=6, max_epochs=2, logger=False).fit(DigitsModule(), train, ckpt_path=ckpt)
+
     same = HessianCallback(every_n_train_steps=2, top_k=2)
-    said = _warnings_of(
-        lambda: trainer(tmp_path, [same], max_steps=6, max_epochs=2, logger=False).fit(DigitsModule(), train, ckpt_path=ckpt)
-    )
+    said = _warnings_of(lambda: resume(same))
     assert not [m for m in said if "other arguments" in m]
     assert same._last_step == 4 and same.eigenvectors is not None  # restored from the checkpoint
     other = HessianCallback(every_n_train_steps=2, top_k=3)
-    said = _warnings_of(
-        lambda: trainer(tmp_path, [other], max_steps=6, max_epochs=2, logger=False).fit(DigitsModule(), train, ckpt_path=ckpt)
-    )
+    said = _warnings_of(lambda: resume(other))
     notes = [m for m in said if "other arguments" in m]
     assert len(notes) == 1 and "top_k: 2 -> 3" in notes[0] and "eigenvectors" in notes[0], said
     assert other._last_step == -1  # not restored, and said so

@@ -29,6 +29,7 @@ from lightning_landscape._user_state import invisible_user_code
 from lightning_landscape.callbacks._budget import DEFAULT_MAX_OVERHEAD, OverheadBudget
 from lightning_landscape.callbacks._logging import MeasurementLogger
 from lightning_landscape.callbacks._probe import copy_batch, safe_to_draw, take_batches
+from lightning_landscape.callbacks._progress import progress_note
 from lightning_landscape.functional import HVP_METHODS, LossOperator, MeasurementError
 from lightning_landscape.functional._batches import apply_to_tensors, clone_if_inference
 
@@ -166,6 +167,8 @@ class MeasurementCallback(*callback_bases()):
         self._val_taken = False
         self._validated = False  # the exact-product check ran once (LossOperator(validate=...))
         self._measured_in_fit = 0
+        self._fit_steps: list[int] = []  # steps measured in this fit (the summary at its end)
+        self._posthoc_batches: list[Any] = []  # trainer.validate() / test(): batches for one measurement
         self._countdown = [0]  # batches until on_train_batch_end next reads the optimizer step
         self._last_step = -1
         self._last_epoch = -1
@@ -351,6 +354,7 @@ class MeasurementCallback(*callback_bases()):
             self._probe = self._take_probe(trainer, pl_module)
         self._fixed_spent = 0.0
         self._measured_in_fit = 0
+        self._fit_steps = []
         self._countdown = [0]  # read the step at the first batch
         if self._budget is not None:
             self._budget.start(time.perf_counter(), trainer.global_step)
@@ -367,6 +371,9 @@ class MeasurementCallback(*callback_bases()):
     def on_validation_batch_start(
         self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
     ) -> None:
+        if _fn(trainer) == "validate":  # trainer.validate(): a post-hoc measurement on these batches
+            self.on_validation_batch_start_posthoc(trainer, batch, dataloader_idx)
+            return
         if self.needs_val_probe and not self._val_taken:
             self.val_probe(trainer)  # decides: drawn now (a loader that allows it) or copied from here on
         collecting = self._val_collecting
@@ -376,9 +383,24 @@ class MeasurementCallback(*callback_bases()):
                 self._val_probe, self._val_collecting = collecting, None
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        step = trainer.global_step
+        if self.budgeted and self._probe is not None and step > 0 and step != self._last_step:
+            self._last_step = step  # the default schedule ends the fit with a frame of the final weights
+            self._run(trainer, pl_module)
+        if self._fit_steps:
+            seconds = self._spent_seconds
+            rank_zero_info(
+                f"{type(self).__name__}: {len(self._fit_steps)} measurement(s) in this fit, at step(s) "
+                f"{', '.join(map(str, self._fit_steps[:12]))}{' …' if len(self._fit_steps) > 12 else ''}; "
+                f"{seconds:.1f} s in all."
+                + (
+                    " For more frames give a larger max_overhead, or every_n_epochs / every_n_train_steps."
+                    if self.budgeted
+                    else ""
+                )
+            )
         if self._measured_in_fit or trainer.sanity_checking:
             return
-        step = trainer.global_step
         if self._probe is None:
             why = f"the probe set was not complete ({self.num_batches} batches are copied from training as they pass)"
         elif self.every_n_train_steps is not None:
@@ -386,12 +408,43 @@ class MeasurementCallback(*callback_bases()):
         elif self.every_n_epochs is not None:
             why = f"every_n_epochs={self.every_n_epochs} and training ended after {trainer.current_epoch} epoch(s)"
         else:
-            why = (
-                f"the default schedule keeps measuring within {100 * self._budget.share:.2g}% of the fit's time, and "
-                f"the fit ended (step {step}) before that paid for a first measurement; pass every_n_epochs=1 or "
-                "every_n_train_steps=N to measure on a fixed schedule, or a larger max_overhead"
-            )
+            why = f"the fit ended at step {step}, before a measurement could be made"
         self._logger.warn_once("no-measurement", f"no measurement was made in this fit: {why}.")
+
+    # ------------------------------------------------------------------ after the fact: validate / test
+    def on_validation_batch_start_posthoc(self, trainer: Trainer, batch: Any, dataloader_idx: int) -> None:
+        """Copy the first ``num_batches`` batches of ``trainer.validate()`` / ``trainer.test()`` (loader 0)."""
+        if dataloader_idx == 0 and len(self._posthoc_batches) < self.num_batches:
+            self._posthoc_batches.append(copy_batch(batch))
+
+    def on_test_batch_start(
+        self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
+        self.on_validation_batch_start_posthoc(trainer, batch, dataloader_idx)
+
+    def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if _fn(trainer) == "validate":
+            self._measure_posthoc(trainer, pl_module)
+
+    def on_test_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if _fn(trainer) == "test":
+            self._measure_posthoc(trainer, pl_module)
+
+    def _measure_posthoc(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Under ``trainer.validate()`` / ``trainer.test()`` (no fit): one measurement on the first ``num_batches``
+        batches that loop evaluated, logged at the module's ``global_step`` (post-hoc use of a checkpoint)."""
+        batches, self._posthoc_batches = self._posthoc_batches, []
+        if not batches:
+            return
+        saved = (self._probe, self._val_probe, self._val_taken, self._budget, self._last_step)
+        self._probe, self._val_probe, self._val_taken, self._budget = batches, None, True, None
+        try:
+            rank_zero_info(
+                f"{type(self).__name__}: measuring once on {len(batches)} batch(es) of trainer.{_fn(trainer)}()."
+            )
+            self._run(trainer, pl_module)
+        finally:
+            self._probe, self._val_probe, self._val_taken, self._budget, self._last_step = saved
 
     # ------------------------------------------------------------------ schedule
     def on_train_batch_end(
@@ -429,6 +482,13 @@ class MeasurementCallback(*callback_bases()):
         if self.every_n_epochs and epoch % self.every_n_epochs == 0 and epoch != self._last_epoch:
             self._last_epoch = epoch
             self._run(trainer, pl_module)
+        budget = self._budget
+        step = trainer.global_step
+        if budget is not None and budget.last_cost is None and self._probe is not None and step != self._last_step:
+            # the default schedule's first frame comes at the end of the first epoch at the latest
+            self._last_step = step
+            self._run(trainer, pl_module)
+            self._plan(trainer, step, None)
 
     def _check_budget(self, trainer: Trainer, pl_module: LightningModule, step: int) -> None:
         """A check of the default schedule: measure if the budget pays for it, then plan the next check.
@@ -451,9 +511,15 @@ class MeasurementCallback(*callback_bases()):
         if measure:
             self._last_step = step
             self._run(trainer, pl_module)
+        self._plan(trainer, step, estimate)
+
+    def _plan(self, trainer: Trainer, step: int, estimate: float | None) -> None:
+        """Set the budget's next check step (rank zero's plan, broadcast) and the countdown to it."""
+        budget = self._budget
         next_check = budget.plan(time.perf_counter(), step, self._others_spent(), estimate)
         if trainer.world_size > 1:
-            budget.next_check = trainer.strategy.broadcast(next_check, src=0)
+            next_check = budget.next_check = trainer.strategy.broadcast(next_check, src=0)
+        self._countdown[0] = next_check - step
 
     def _others_spent(self) -> float:
         return sum(cb._spent_seconds for cb in self._siblings if cb is not self)
@@ -554,10 +620,12 @@ class MeasurementCallback(*callback_bases()):
             )
             return
         self._measured_in_fit += 1  # attempted: a failure is said by its own warning
+        self._fit_steps.append(trainer.global_step)
         _synchronize(pl_module)  # queued training work is training time, not ours
         start = time.perf_counter()
         try:
-            self._measure_and_log(trainer, pl_module, start)
+            with progress_note(trainer, f"measuring {self.prefix}…"):
+                self._measure_and_log(trainer, pl_module, start)
         finally:
             end = time.perf_counter()
             if self._budget is not None:
@@ -592,6 +660,12 @@ class MeasurementCallback(*callback_bases()):
         metrics[f"{self.prefix}/seconds"] = time.perf_counter() - start
         self.last_metrics = metrics
         self._logger.log(trainer, metrics, figures)
+
+
+def _fn(trainer: Trainer) -> str:
+    """What the trainer is running: "fit", "validate", "test" or "predict"."""
+    fn = getattr(getattr(trainer, "state", None), "fn", None)
+    return str(getattr(fn, "value", fn))
 
 
 def _loop_transform(trainer: Trainer, dataloader_idx: int) -> Callable[[Any], Any]:

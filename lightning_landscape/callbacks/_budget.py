@@ -6,7 +6,9 @@ everything else (training steps, validation, data loading, other callbacks): aft
 that took ``c`` seconds, the next waits until the fit has spent ``c / share`` seconds on other
 things, so frames come evenly spaced and never in bursts. The first waits ``estimate / share``
 from the start of the fit, ``estimate`` being the callback's guess of its cost before it has
-measured once.
+measured once, but never more than ``first_within`` (60 s) of training: a user who trains for a minute sees a
+frame. (The callbacks also take the first frame at the end of the first epoch if none came before, and one at the
+end of the fit; the budget spaces the rest.)
 
 A callback cannot watch the clock at every step under DDP without a collective per step, so it
 *plans*: at a check step it measures if the wait is over, then sets the next check to the step at
@@ -55,6 +57,8 @@ class OverheadBudget:
     """
 
     share: float
+    #: the first measurement waits at most this many seconds of training (a user sees a frame early)
+    first_within: float = 60.0
     spent: float = 0.0
     last_cost: float | None = None
     next_check: int = 1
@@ -75,10 +79,11 @@ class OverheadBudget:
         return max(now - self._t0 - self.spent - others, 0.0)
 
     def _wait(self, estimate: float | None) -> float:
-        cost = self.last_cost if self.last_cost is not None else estimate
-        if cost is None:
+        if self.last_cost is not None:
+            return self.last_cost / self.share
+        if estimate is None:
             raise ValueError("the first decision needs a cost `estimate`")
-        return cost / self.share
+        return min(estimate / self.share, self.first_within)
 
     def should_measure(self, now: float, others: float, estimate: float | None = None) -> bool:
         """Whether the wait after the last measurement (its cost over ``share``; first: ``estimate``'s) is over."""

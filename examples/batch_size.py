@@ -187,7 +187,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--target", type=float, default=1e-3, help="stop at this loss on the whole training set")
     parser.add_argument("--max-epochs", type=int, default=2000)
     parser.add_argument("--seeds", type=int, default=3, help="initializations")
-    parser.add_argument("--out", default="docs", help="folder for batch_size.png")
+    parser.add_argument(
+        "--out", default="example_figures", help="folder for batch_size.png (--out docs regenerates README's)"
+    )
     parser.add_argument("--fast", action="store_true", help="small and short: a smoke test")
     args = parser.parse_args(argv)
     args.n_train = 1400

@@ -8,6 +8,7 @@ trainer, the TensorBoard logger, the three lightning-landscape callbacks with th
     python examples/cli.py fit --config examples/config.yaml
     python examples/cli.py fit --config examples/config.yaml --model.sam=true --model.sam_rho=0.1
     python examples/cli.py fit --config examples/config.yaml --trainer.max_epochs=1 --data.n_train=256
+    python examples/cli.py fit --config examples/config.yaml --fast        # a few seconds (the CI smoke test)
     python examples/cli.py fit --print_config                         # every option, with its default
 
 At the end of ``fit`` the last value of every logged metric is printed as a table; the images are in
@@ -54,8 +55,18 @@ class DigitsDataModule(pl.LightningDataModule):
         return self._loaders[1]
 
 
+#: what ``--fast`` stands for (every example takes it): one short epoch on a small model, a smoke test
+FAST = ["--trainer.max_epochs=1", "--trainer.limit_val_batches=2", "--data.n_train=128", "--model.width=4"]
+
+
 def main(argv: list[str] | None = None) -> dict[str, float]:
-    """Run the CLI with ``argv`` (default ``sys.argv[1:]``); return the last value of every logged metric."""
+    """Run the CLI with ``argv`` (default ``sys.argv[1:]``); return the last value of every logged metric.
+
+    ``--fast`` (anywhere after the subcommand) adds :data:`FAST`'s overrides after the rest, so they win.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--fast" in argv:
+        argv = [a for a in argv if a != "--fast"] + FAST
     cli = LightningCLI(
         DigitsCNN,
         DigitsDataModule,

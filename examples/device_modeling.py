@@ -246,7 +246,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--batch-size", type=int, default=10)
     parser.add_argument("--seeds", type=int, default=3, help="initializations (the data is the same)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the data (bias points and noise)")
-    parser.add_argument("--out", default="docs", help="folder for device_modeling.png")
+    parser.add_argument(
+        "--out", default="example_figures", help="folder for device_modeling.png (--out docs regenerates README's)"
+    )
     parser.add_argument("--fast", action="store_true", help="small and short: a smoke test")
     args = parser.parse_args(argv)
     if args.fast:

@@ -261,7 +261,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--steps", type=int, default=21, help="grid points per axis of the 2D slice (odd)")
     parser.add_argument("--distance", type=float, default=1.0, help="half-width of the slice")
     parser.add_argument("--probe", type=int, default=256, help="training images in the probe set")
-    parser.add_argument("--out", default="docs", help="folder for skip_connections.png")
+    parser.add_argument(
+        "--out", default="example_figures", help="folder for skip_connections.png (--out docs regenerates README's)"
+    )
     parser.add_argument("--seeds", type=int, default=3, help="initializations and batch orders (seed 0 is drawn)")
     parser.add_argument("--fast", action="store_true", help="small and short: a smoke test")
     args = parser.parse_args(argv)

@@ -44,6 +44,25 @@ def assert_png(path: Path) -> None:
     assert len(data) < MAX_PNG_BYTES, f"{path} is {len(data)} bytes"
 
 
+@pytest.fixture
+def repo_stays_clean(monkeypatch):
+    """Run from the repository root with the examples' default outputs; afterwards ``git status`` is unchanged
+    (their figures go to the ignored example_figures/, never over the tracked docs/*.png)."""
+    import subprocess
+
+    root = EXAMPLES.parent
+    if not (root / ".git").exists():
+        pytest.skip("not a git checkout")
+
+    def status() -> str:
+        return subprocess.run(["git", "status", "--porcelain"], cwd=root, capture_output=True, text=True).stdout
+
+    before = status()
+    monkeypatch.chdir(root)
+    yield root / "example_figures"
+    assert status() == before, "an example changed the repository's files"
+
+
 def test_quickstart_fast(tmp_path, capsys):
     results = load("quickstart").main(["--fast", "--logdir", str(tmp_path)])
     for prefix in ("hessian/", "sharpness/", "landscape/", "generalization/"):
@@ -57,10 +76,11 @@ def test_quickstart_fast(tmp_path, capsys):
     assert "tensorboard --logdir" in capsys.readouterr().out
 
 
-def test_skip_connections_fast(tmp_path, capsys):
+def test_skip_connections_fast(repo_stays_clean, capsys):
+    tmp_path = repo_stays_clean
     module = load("skip_connections")
     assert doctest.testmod(module).failed == 0
-    results = module.main(["--fast", "--out", str(tmp_path)])
+    results = module.main(["--fast"])
     names = ["train loss", "val accuracy", "top eigenvalue", "most negative eigenvalue", "rise_at_edge",
              "non-convex fraction of slice"]  # fmt: skip
     assert_finite(results, [f"{case}/{name}" for case in ("with skips", "without skips") for name in names])
@@ -69,8 +89,9 @@ def test_skip_connections_fast(tmp_path, capsys):
     assert "with skips" in out and "without skips" in out and "top eigenvalue" in out
 
 
-def test_batch_size_fast(tmp_path, capsys):
-    results = load("batch_size").main(["--fast", "--out", str(tmp_path)])
+def test_batch_size_fast(repo_stays_clean, capsys):
+    tmp_path = repo_stays_clean
+    results = load("batch_size").main(["--fast"])
     names = ["gap (val − train loss)", "worst-case l2 sharpness ρ=.05", "keskar sharpness ε=1e-3",
              "top Hessian eigenvalue"]  # fmt: skip
     assert_finite(results, [f"batch {bs}/{name}" for bs in (16, 128) for name in names])
@@ -79,10 +100,11 @@ def test_batch_size_fast(tmp_path, capsys):
     assert "keskar sharpness" in capsys.readouterr().out
 
 
-def test_device_modeling_fast(tmp_path, capsys):
+def test_device_modeling_fast(repo_stays_clean, capsys):
+    tmp_path = repo_stays_clean
     module = load("device_modeling")
     assert doctest.testmod(module).failed == 0
-    results = module.main(["--fast", "--out", str(tmp_path)])
+    results = module.main(["--fast"])
     names = ["gap (test − train)", "RMS error vs truth (decades)", "worst-case l2 sharpness ρ=.05",
              "top Hessian eigenvalue"]  # fmt: skip
     assert_finite(results, [f"{case}/{name}" for case in ("plain (Adam)", "SAM (ρ=0.05)") for name in names])
@@ -94,10 +116,7 @@ def test_cli_fast(tmp_path, capsys):
     argv = [
         "fit",
         "--config", str(EXAMPLES / "config.yaml"),
-        "--trainer.max_epochs=1",
-        "--trainer.limit_val_batches=2",
-        "--data.n_train=128",
-        "--model.width=4",
+        "--fast",
         "--model.sam=true",
         "--model.sam_rho=0.1",
         f"--trainer.logger.init_args.save_dir={tmp_path}",
@@ -146,3 +165,4 @@ def test_quickstart_export_images(tmp_path, capsys):
         image = imread(path)
         assert image.ndim == 3 and image.shape[2] in (3, 4) and min(image.shape[:2]) > 50, image.shape
         assert str(path) in printed
+

@@ -189,7 +189,9 @@ def test_out_of_memory_keeps_the_message_and_gradients_split_the_batch():
         return cross_entropy(m, b)
 
     got = LF.sharpness(model, limited, batches, steps=4)
-    assert got == pytest.approx(reference, rel=1e-5)
+    # float32 losses summed over quarters instead of the whole batch: L ≈ 2.3 rounds at ~2e-7, and the
+    # sharpness (a difference of two losses, ~0.02) moves by ~1e-5 of itself
+    assert got == pytest.approx(reference, rel=1e-4)
     assert max(sizes[-5:]) == 16  # halved twice, then kept
 
     def always(m, b):

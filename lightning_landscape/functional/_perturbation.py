@@ -7,6 +7,7 @@ first-order expansion ``gᵀε`` over ``‖ε / c‖₂ ≤ ρ``; for ℓ∞ ove
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import torch
@@ -28,7 +29,8 @@ def ascent_step(
 ) -> list[Tensor]:
     """The perturbation ``ε`` for each tensor of ``grads`` (a list, e.g. per parameter or one flat vector).
 
-    The ℓ2 norm runs over all tensors together. A zero gradient gives ``ε = 0``. No host sync.
+    The ℓ2 norm runs over all tensors together, in the widest of their dtypes and float32 (float64 gradients get
+    a float64 norm). A zero gradient gives ``ε = 0``. No host sync.
 
     Example:
         >>> g = [torch.tensor([3.0, 4.0])]
@@ -54,9 +56,11 @@ def ascent_step(
         torch._foreach_mul_(out, rho)
         return list(out)
     scaled = grads if scales is None else torch._foreach_mul(grads, scales)
-    norms = torch._foreach_norm(scaled)
-    total = torch.linalg.vector_norm(torch.stack([n.float() for n in norms]))
-    factor = torch.where(total > 0, rho / total.clamp_min(torch.finfo(torch.float32).tiny), torch.zeros_like(total))
+    # the global norm in the gradients' precision (at least float32): float64 gradients get a float64 norm
+    acc = functools.reduce(torch.promote_types, {t.dtype for t in scaled}, torch.float32)
+    norms = torch._foreach_norm(scaled, 2, dtype=acc)
+    total = torch.linalg.vector_norm(torch.stack(list(norms)))
+    factor = torch.where(total > 0, rho / total.clamp_min(torch.finfo(acc).tiny), torch.zeros_like(total))
     out = list(scaled) if scales is None else torch._foreach_mul(scaled, scales)
     return _times_scalar_tensor(out, factor)
 

@@ -16,7 +16,8 @@ SCHEDULE = {"every_n_epochs": 1}
 COMMON = [
     ("every_n_train_steps", [0, -1, 1.5, "2", True]),
     ("every_n_epochs", [0, -3, 2.0, "1", False]),
-    ("num_batches", [0, -1, 1.5, None, "1"]),
+    ("num_batches", [0, -1, 1.5, "1"]),
+    ("num_samples", [0, -1, 2.5, "512"]),
     ("loss_fn", ["mse", 3]),
     ("eval_mode", ["yes", 1, None]),
     ("strict", ["no", 0, None]),
@@ -170,3 +171,10 @@ def test_top_k_larger_than_the_parameter_count_is_refused_at_setup(tmp_path):
     with pytest.raises(ValueError, match=r"`top_k` must be at most the number of measured parameters \(65\), got 66"):
         trainer(tmp_path, [cb], max_steps=2, logger=False).fit(Tiny(), train)
     assert cb._measured_in_fit == 0
+
+
+@pytest.mark.parametrize("cls", list(SPECIFIC))
+def test_probe_size_is_given_once(cls):
+    with pytest.raises(ValueError, match=r"num_samples.*num_batches"):
+        cls(num_samples=256, num_batches=4)
+    assert cls().num_samples == 512 and cls().num_batches is None

@@ -161,7 +161,6 @@ def _warnings_of(fn) -> list[str]:
     [
         (lambda: HessianCallback(every_n_train_steps=100), "every_n_train_steps=100 and training ended at step 5"),
         (lambda: HessianCallback(every_n_epochs=3), "every_n_epochs=3 and training ended after"),
-        (lambda: HessianCallback(), "the default schedule keeps measuring within 5%"),
     ],
 )
 def test_a_fit_that_ends_before_the_first_measurement_says_so_once(tmp_path, make, why):
@@ -172,14 +171,24 @@ def test_a_fit_that_ends_before_the_first_measurement_says_so_once(tmp_path, mak
     assert len(notes) == 1 and why in notes[0], said
 
 
+def test_the_default_schedule_measures_the_final_weights_of_a_short_fit(tmp_path):
+    cb = HessianCallback()
+    train, _ = loaders(n_train=192, batch_size=32)
+    said = _warnings_of(lambda: trainer(tmp_path, [cb], max_steps=5, logger=False).fit(DigitsModule(), train))
+    assert not [m for m in said if "no measurement was made" in m]
+    assert cb._fit_steps == [5] and cb.last_metrics
+
+
 def test_resuming_with_other_arguments_says_what_was_dropped(tmp_path):
     train, _ = loaders(n_train=128, batch_size=32)
     ckpt = tmp_path / "last.ckpt"
     first = trainer(tmp_path, [HessianCallback(every_n_train_steps=2, top_k=2)], max_steps=4, logger=False)
     first.fit(DigitsModule(), train)
     first.save_checkpoint(ckpt)
+
     def resume(cb):
-        return trainer(tmp_path, [cb], max_steps=6, max_epochs=2, logger=False).fit(DigitsModule(), train, ckpt_path=ckpt)
+        again = trainer(tmp_path, [cb], max_steps=6, max_epochs=2, logger=False)
+        return again.fit(DigitsModule(), train, ckpt_path=ckpt)
 
     same = HessianCallback(every_n_train_steps=2, top_k=2)
     said = _warnings_of(lambda: resume(same))

@@ -122,3 +122,23 @@ def test_failed_measurement_warns_and_training_goes_on(tmp_path):
     with pytest.warns(UserWarning, match="skipped the measurement"):
         trainer(tmp_path, [cb], max_steps=2, logger=False).fit(module, train)
     assert module.trainer.global_step == 2
+
+
+def test_eigenvalue_1_stderr_is_the_spread_of_the_rayleigh_quotient_over_probe_batches(tmp_path):
+    # the logged probe dependence equals the spread of v1ᵀH_b v1 over the probe batches, computed densely
+    import math
+
+    from _models import dense_hessian
+
+    train, _ = loaders(n_train=256, batch_size=32, shuffle=False)
+    cb = HessianCallback(every_n_epochs=1, num_samples=128, tol=1e-6, max_hvps=200)
+    module = DigitsModule()
+    trainer(tmp_path, [cb], logger=False).fit(module, train)
+    probe = cb._probe
+    assert len(probe) == 4
+    v = cb.eigenvectors[0].double()
+    quotients = [float(v @ dense_hessian(module.net, cross_entropy, [b]) @ v) for b in probe]
+    mean = sum(quotients) / 4
+    spread = math.sqrt(sum((q - mean) ** 2 for q in quotients) / 4)
+    assert cb.last_metrics["hessian/eigenvalue_1"] == pytest.approx(mean, rel=1e-4)
+    assert cb.last_metrics["hessian/eigenvalue_1_stderr"] == pytest.approx(spread / 2, rel=1e-3)

@@ -35,6 +35,7 @@ def _trainer(tmp_path, callbacks, **kwargs) -> pl.Trainer:
 
 
 def _all(every: int = 2, **kw):
+    kw.setdefault("num_batches", 1)
     return [
         HessianCallback(every_n_train_steps=every, top_k=2, max_hvps=20, **kw),
         SharpnessCallback(every_n_train_steps=every, steps=3, samples=2, **kw),

@@ -31,12 +31,15 @@ from lightning_landscape.callbacks._logging import MeasurementLogger
 from lightning_landscape.callbacks._probe import copy_batch, safe_to_draw, take_batches
 from lightning_landscape.callbacks._progress import progress_note
 from lightning_landscape.functional import HVP_METHODS, LossOperator, MeasurementError
-from lightning_landscape.functional._batches import apply_to_tensors, clone_if_inference
+from lightning_landscape.functional._batches import apply_to_tensors, batch_size, clone_if_inference
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 LossFn = Callable[[torch.nn.Module, Any], Tensor]
+#: The probe's size when a callback is given neither ``num_samples`` nor ``num_batches``
+#: (``benchmarks/probe_size.py``: where disjoint probes on the same weights agree).
+DEFAULT_PROBE_SAMPLES = 512
 #: Rough seconds to draw and log one figure, for the cost estimate before a callback's first measurement.
 FIGURE_SECONDS = 0.2
 _UNSUPPORTED_STRATEGIES = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy", "XLAStrategy")
@@ -91,7 +94,11 @@ class MeasurementCallback(*callback_bases()):
             drawing, logging) at most this share of the fit's other wall time. ``None`` (default): the
             callbacks on one trainer that have neither schedule nor ``max_overhead`` share
             ``DEFAULT_MAX_OVERHEAD`` (5%) equally.
-        num_batches: probe batches taken once from the train loader and re-used at every measurement.
+        num_samples: the probe's size in samples: the first batches of the train loader until they hold at least
+            this many, taken once and re-used at every measurement. ``None`` (default): ``DEFAULT_PROBE_SAMPLES``
+            (512), unless ``num_batches`` is given. Sized in samples so that repeated measurements on the same
+            weights agree whatever the batch size (``benchmarks/probe_size.py``).
+        num_batches: the probe's size in batches instead (give one of the two).
         loss_fn: ``loss_fn(module, batch) -> scalar``; default the module's ``training_step``.
         hvp_method: Hessian-vector product method (see ``functional.HVP_METHODS``).
         eval_mode: measure with the module in eval mode (BatchNorm statistics, no dropout).
@@ -113,7 +120,8 @@ class MeasurementCallback(*callback_bases()):
         every_n_train_steps: int | None = None,
         every_n_epochs: int | None = None,
         max_overhead: float | None = None,
-        num_batches: int = 1,
+        num_batches: int | None = None,
+        num_samples: int | None = None,
         loss_fn: LossFn | None = None,
         hvp_method: str = "auto",
         eval_mode: bool = True,
@@ -140,7 +148,15 @@ class MeasurementCallback(*callback_bases()):
                 or not 0 < max_overhead <= 1
             ):
                 raise ValueError(f"`max_overhead` must be a number in (0, 1] or None, got {max_overhead!r}.")
-        check_positive_int("num_batches", num_batches)
+        check_positive_int("num_batches", num_batches, allow_none=True)
+        check_positive_int("num_samples", num_samples, allow_none=True)
+        if num_batches is not None and num_samples is not None:
+            raise ValueError(
+                f"Give the probe's size once: `num_samples` or `num_batches` (got num_samples={num_samples}, "
+                f"num_batches={num_batches})."
+            )
+        if num_batches is None and num_samples is None:
+            num_samples = DEFAULT_PROBE_SAMPLES
         if loss_fn is not None and not callable(loss_fn):
             raise TypeError(f"`loss_fn` must be callable as loss_fn(module, batch) or None, got {loss_fn!r}.")
         if hvp_method not in HVP_METHODS:
@@ -153,6 +169,7 @@ class MeasurementCallback(*callback_bases()):
         self.every_n_epochs = every_n_epochs
         self.max_overhead = None if max_overhead is None else float(max_overhead)
         self.num_batches = num_batches
+        self.num_samples = num_samples
         self.loss_fn = loss_fn
         self.hvp_method = hvp_method
         self.eval_mode = eval_mode
@@ -295,7 +312,7 @@ class MeasurementCallback(*callback_bases()):
             shared = self._sibling_probe("_probe")
             if shared is not None:  # the same batches another callback drew: one copy on the device, one draw
                 return shared
-            return take_batches(loader, self.num_batches, seed=self.seed, transform=_loop_transform(trainer, 0))
+            return take_batches(loader, self.probe_complete, seed=self.seed, transform=_loop_transform(trainer, 0))
         if self._collecting is None:
             self._collecting = []
         return None
@@ -332,7 +349,7 @@ class MeasurementCallback(*callback_bases()):
         shared = self._sibling_probe("_val_probe")
         if shared is not None:
             return shared
-        batches = take_batches(loader, self.num_batches, seed=self.seed, transform=_loop_transform(trainer, 0))
+        batches = take_batches(loader, self.probe_complete, seed=self.seed, transform=_loop_transform(trainer, 0))
         return batches or None
 
     def _sibling_probe(self, attribute: str) -> list[Any] | None:
@@ -340,9 +357,23 @@ class MeasurementCallback(*callback_bases()):
         batches), if there is one."""
         for cb in self._siblings:
             probe = getattr(cb, attribute)
-            if cb is not self and probe is not None and (cb.num_batches, cb.seed) == (self.num_batches, self.seed):
+            same = (cb.num_batches, cb.num_samples, cb.seed) == (self.num_batches, self.num_samples, self.seed)
+            if cb is not self and probe is not None and same:
                 return probe
         return None
+
+    def probe_complete(self, batches: Sequence[Any]) -> bool:
+        """Whether ``batches`` make a whole probe: ``num_batches`` of them, or at least ``num_samples`` samples."""
+        if self.num_batches is not None:
+            return len(batches) >= self.num_batches
+        return sum(batch_size(b) for b in batches) >= self.num_samples
+
+    @property
+    def probe_size(self) -> str:
+        """The probe's size in words (for messages)."""
+        if self.num_batches is not None:
+            return f"{self.num_batches} batch(es)"
+        return f"{self.num_samples} samples"
 
     @property
     def needs_val_probe(self) -> bool:
@@ -365,7 +396,7 @@ class MeasurementCallback(*callback_bases()):
         collecting = self._collecting
         if collecting is not None:
             collecting.append(copy_batch(batch))
-            if len(collecting) >= self.num_batches:
+            if self.probe_complete(collecting):
                 self._probe, self._collecting = collecting, None
 
     def on_validation_batch_start(
@@ -379,7 +410,7 @@ class MeasurementCallback(*callback_bases()):
         collecting = self._val_collecting
         if collecting is not None and dataloader_idx == 0:
             collecting.append(copy_batch(batch))
-            if len(collecting) >= self.num_batches:
+            if self.probe_complete(collecting):
                 self._val_probe, self._val_collecting = collecting, None
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -402,7 +433,7 @@ class MeasurementCallback(*callback_bases()):
         if self._measured_in_fit or trainer.sanity_checking:
             return
         if self._probe is None:
-            why = f"the probe set was not complete ({self.num_batches} batches are copied from training as they pass)"
+            why = f"the probe set was not complete ({self.probe_size} are copied from training as they pass)"
         elif self.every_n_train_steps is not None:
             why = f"every_n_train_steps={self.every_n_train_steps} and training ended at step {step}"
         elif self.every_n_epochs is not None:
@@ -414,7 +445,7 @@ class MeasurementCallback(*callback_bases()):
     # ------------------------------------------------------------------ after the fact: validate / test
     def on_validation_batch_start_posthoc(self, trainer: Trainer, batch: Any, dataloader_idx: int) -> None:
         """Copy the first ``num_batches`` batches of ``trainer.validate()`` / ``trainer.test()`` (loader 0)."""
-        if dataloader_idx == 0 and len(self._posthoc_batches) < self.num_batches:
+        if dataloader_idx == 0 and not self.probe_complete(self._posthoc_batches):
             self._posthoc_batches.append(copy_batch(batch))
 
     def on_test_batch_start(
@@ -473,10 +504,9 @@ class MeasurementCallback(*callback_bases()):
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self._collecting:  # an epoch shorter than num_batches: the probe is what it yielded
             self._probe, self._collecting = self._collecting, None
-            self._logger.warn_once(
-                "short-probe",
-                f"the first epoch had {len(self._probe)} batches, fewer than num_batches={self.num_batches}; "
-                "the probe set is those batches.",
+            rank_zero_info(
+                f"{type(self).__name__}: the first epoch held fewer than the probe's {self.probe_size}; the probe "
+                f"set is its {len(self._probe)} batches (the whole training set)."
             )
         epoch = trainer.current_epoch + 1
         if self.every_n_epochs and epoch % self.every_n_epochs == 0 and epoch != self._last_epoch:
@@ -616,7 +646,7 @@ class MeasurementCallback(*callback_bases()):
             self._logger.warn_once(
                 "probe-not-ready",
                 f"a measurement was due at step {trainer.global_step} before the probe set was complete (its "
-                f"{self.num_batches} batches are copied from the first training batches as they pass); skipped.",
+                f"{self.probe_size} are copied from the first training batches as they pass); skipped.",
             )
             return
         self._measured_in_fit += 1  # attempted: a failure is said by its own warning

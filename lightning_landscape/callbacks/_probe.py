@@ -119,12 +119,13 @@ def copy_batch(batch: Any) -> Any:
 
 def take_batches(
     loader: Iterable[Any],
-    num_batches: int,
+    num_batches: int | Callable[[list[Any]], bool],
     seed: int | None = None,
     transform: Callable[[Any], Any] | None = None,
 ) -> list[Any]:
     """The first ``num_batches`` batches of a fresh pass over ``loader`` (fewer if it is shorter), each passed
-    through ``transform`` (the training loop's conversion) inside the same preserved randomness.
+    through ``transform`` (the training loop's conversion) inside the same preserved randomness. ``num_batches``
+    may be a predicate instead: batches are taken until it holds for the list taken so far.
 
     Example:
         >>> data = torch.utils.data.TensorDataset(torch.arange(10.0))
@@ -139,7 +140,8 @@ def take_batches(
     with preserved_randomness(loader, seed):
         iterator = iter(loader)
         try:
-            for _ in range(num_batches):
+            complete = num_batches if callable(num_batches) else (lambda taken: len(taken) >= num_batches)
+            while not complete(out):
                 batch = next(iterator)
                 out.append(transform(batch) if transform is not None else batch)
         except StopIteration:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -18,11 +19,14 @@ if TYPE_CHECKING:
 class HessianCallback(MeasurementCallback):
     """Logs the Hessian's top eigenvalues, its trace and spectral density at scheduled steps.
 
-    Measured on the module's device over ``num_batches`` fixed probe batches, in eval mode,
-    without touching weights, gradients, buffers, modes or the global RNG. Each eigenvalue
-    estimate warm-starts from the last one's eigenvectors.
+    Measured on the module's device over a fixed probe set (``num_samples``, default 512 samples, or
+    ``num_batches``), in eval mode, without touching weights, gradients, buffers, modes or the global RNG.
+    Each eigenvalue estimate warm-starts from the last one's eigenvectors.
 
-    Logged (under ``hessian/``): ``eigenvalue_1..k``, ``num_hvps``, ``seconds``, ``trace`` (with
+    Logged (under ``hessian/``): ``eigenvalue_1..k``; ``eigenvalue_1_stderr``, how much ``eigenvalue_1`` depends
+    on the probe (the spread of ``v1ᵀH_b v1`` over the probe batches ``b``, over the square root of their number:
+    a change smaller than about twice it is probe noise; logged with two or more probe batches); ``num_hvps``,
+    ``seconds``, ``trace`` (with
     ``trace=True``), ``eos_ratio = lr·eigenvalue_1 / (2 + 2·momentum)`` when the optimizer is SGD
     (1.0 is where gradient descent stops being stable), and with ``density=True`` the image
     ``hessian/spectral_density``.
@@ -34,7 +38,8 @@ class HessianCallback(MeasurementCallback):
         top_k: how many top eigenvalues.
         trace: also estimate the trace (Hutch++, ``trace_hvps`` products).
         density: also estimate the spectral density (SLQ) and log its picture.
-        num_batches: probe batches.
+        num_batches: probe batches (or give ``num_samples``).
+        num_samples: probe size in samples (default 512 when neither is given).
         loss_fn: ``loss_fn(module, batch) -> scalar``; default the module's ``training_step``.
         tol: relative eigenvalue tolerance of the Lanczos solver.
         max_hvps: product budget of the eigenvalue solver.
@@ -64,7 +69,8 @@ class HessianCallback(MeasurementCallback):
         top_k: int = 1,
         trace: bool = False,
         density: bool = False,
-        num_batches: int = 1,
+        num_batches: int | None = None,
+        num_samples: int | None = None,
         loss_fn: LossFn | None = None,
         tol: float = 1e-3,
         max_hvps: int = 100,
@@ -82,6 +88,7 @@ class HessianCallback(MeasurementCallback):
             every_n_epochs=every_n_epochs,
             max_overhead=max_overhead,
             num_batches=num_batches,
+            num_samples=num_samples,
             loss_fn=loss_fn,
             hvp_method=hvp_method,
             eval_mode=eval_mode,
@@ -153,6 +160,11 @@ class HessianCallback(MeasurementCallback):
             num_hvps = eig.num_hvps
             for i, value in enumerate(eig.eigenvalues.tolist(), start=1):
                 scalars[f"eigenvalue_{i}"] = value
+            # how much λ1 depends on the probe: the spread of v1ᵀH_b v1 over the probe batches (one product)
+            _, spread, batches = op.rayleigh_by_batch(eig.eigenvectors[0])
+            num_hvps += 1
+            if batches >= 2:
+                scalars["eigenvalue_1_stderr"] = spread / math.sqrt(batches)
             if self.trace:
                 tr = trace_estimate(op, self.trace_hvps, generator=self.generator)
                 scalars["trace"] = tr.estimate

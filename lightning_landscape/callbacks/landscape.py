@@ -28,7 +28,7 @@ class LossLandscapeCallback(MeasurementCallback):
     to the current weights (:func:`~lightning_landscape.functional.surface.filter_normalize`), so sliding
     through the frames shows the basin forming. The probe batches are fixed too. The 1D slice runs along the
     first direction (the 2D slice's horizontal midline, at finer resolution); the validation curve is drawn
-    when the trainer has a validation loader (``num_batches`` batches of it, taken once).
+    when the trainer has a validation loader (a probe of it of the same size, taken once).
 
     Logged (under ``landscape/``): images ``surface_2d`` (filled contour and 3D surface, log-scale colour,
     non-finite points masked) and ``slice_1d``; scalars ``center_loss`` (probe loss at the weights),
@@ -48,7 +48,8 @@ class LossLandscapeCallback(MeasurementCallback):
         steps: grid points per axis of the 2D slice, odd (>= 3) so that the middle point is the weights.
         distance: half-width of both slices, in units of the filter-normalized directions.
         steps_1d: points of the 1D slice, odd (>= 3).
-        num_batches: probe batches (train, and validation for the 1D overlay).
+        num_batches: probe batches (train, and validation for the 1D overlay) (or give ``num_samples``).
+        num_samples: probe size in samples (default 512 when neither is given).
         loss_fn: ``loss_fn(module, batch) -> scalar``; default the module's ``training_step``.
         include_1d: also move one-dimensional parameters (biases, normalization layers); Li et al. leave
             them fixed.
@@ -75,7 +76,8 @@ class LossLandscapeCallback(MeasurementCallback):
         steps: int = 11,
         distance: float = 1.0,
         steps_1d: int = 21,
-        num_batches: int = 1,
+        num_batches: int | None = None,
+        num_samples: int | None = None,
         loss_fn: LossFn | None = None,
         include_1d: bool = False,
         validation: bool = True,
@@ -89,6 +91,7 @@ class LossLandscapeCallback(MeasurementCallback):
             every_n_epochs=every_n_epochs,
             max_overhead=max_overhead,
             num_batches=num_batches,
+            num_samples=num_samples,
             loss_fn=loss_fn,
             eval_mode=eval_mode,
             seed=seed,

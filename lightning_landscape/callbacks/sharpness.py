@@ -70,12 +70,12 @@ def parse_sharpness_spec(spec: SharpnessSpec) -> tuple[str, str, bool]:
 class SharpnessCallback(MeasurementCallback):
     """Logs the sharpness of the training loss at the current weights, and the generalization gap.
 
-    Each measurement runs, on ``num_batches`` fixed probe batches of the train loader, every sharpness
-    measure in ``kinds`` (see :func:`~lightning_landscape.functional.sharpness.sharpness` for the exact
+    Each measurement runs, on a fixed probe set of the train loader (``num_samples`` or ``num_batches``), every
+    sharpness measure in ``kinds`` (see :func:`~lightning_landscape.functional.sharpness.sharpness` for the exact
     definitions: worst case by projected gradient ascent, average case by Monte Carlo, Keskar's
     ε-sharpness), on the module's device, in eval mode, without touching weights, gradients, buffers,
     modes or the global RNG (random draws come from the callback's own generator). When the trainer has
-    a validation loader, it also evaluates the loss on ``num_batches`` fixed validation batches at the
+    a validation loader, it also evaluates the loss on a validation probe of the same size at the
     same weights. Under DDP every loss and gradient is the sample-weighted mean over all ranks' probe
     data (reduced by the loss operator through ``trainer.strategy``), so all ranks get the same values
     and rank zero logs them.
@@ -98,7 +98,8 @@ class SharpnessCallback(MeasurementCallback):
         kinds: the measures, as strings ``"<kind>_<norm>[_adaptive]"`` (kind ``worst_case``,
             ``average_case`` or ``keskar``; norm ``l2`` or ``linf``; ``"keskar"`` alone is ``"keskar_linf"``)
             or tuples ``(kind, norm[, adaptive])``. Default :data:`DEFAULT_KINDS`.
-        num_batches: probe batches (train, and validation for the gap).
+        num_batches: probe batches (train, and validation for the gap) (or give ``num_samples``).
+        num_samples: probe size in samples (default 512 when neither is given).
         loss_fn: ``loss_fn(module, batch) -> scalar``; default the module's ``training_step``.
         steps: gradient evaluations of each worst-case ascent.
         samples: draws of each average-case estimate (each evaluated at ``±z``).
@@ -125,7 +126,8 @@ class SharpnessCallback(MeasurementCallback):
         every_n_epochs: int | None = None,
         rho: float | Mapping[str, float] = 0.05,
         kinds: Sequence[SharpnessSpec] = DEFAULT_KINDS,
-        num_batches: int = 1,
+        num_batches: int | None = None,
+        num_samples: int | None = None,
         loss_fn: LossFn | None = None,
         steps: int = 20,
         samples: int = 20,
@@ -141,6 +143,7 @@ class SharpnessCallback(MeasurementCallback):
             every_n_epochs=every_n_epochs,
             max_overhead=max_overhead,
             num_batches=num_batches,
+            num_samples=num_samples,
             loss_fn=loss_fn,
             eval_mode=eval_mode,
             seed=seed,

@@ -522,6 +522,43 @@ class LossOperator:
                 if self.spec.device.type == "cuda":
                     torch.cuda.empty_cache()
 
+    def rayleigh_by_batch(self, vector: Tensor) -> tuple[float, float, int]:
+        """How much ``vᵀHv`` depends on the probe: ``(mean, spread, batches)`` of the per-batch quotients
+        ``vᵀH_b v / vᵀv`` over every probe batch of every process, sample-weighted (``spread`` is their weighted
+        standard deviation). The mean is ``vᵀHv / vᵀv`` itself; ``spread / sqrt(batches)`` is the standard error
+        of that number from the probe's sampling. Costs one product in all (each batch's, on its kept graph).
+
+        Example:
+            >>> model = torch.nn.Linear(1, 1, bias=False)
+            >>> loss_fn = lambda m, b: 0.5 * m(b).pow(2).mean()           # H_b = mean of x² over batch b
+            >>> with LossOperator(model, loss_fn, [torch.tensor([[1.0]]), torch.tensor([[3.0]])]) as op:
+            ...     op.rayleigh_by_batch(torch.ones(1))
+            (5.0, 4.0, 2)
+        """
+        v = vector.reshape(1, -1).to(device=self.spec.device, dtype=self.dtype)
+        if self._method is None:
+            self.hvp(v)  # chooses (and checks) the method
+        name, math_sdpa = self._method
+        compute = {
+            "double_backward": self._hvp_double_backward,
+            "forward_over_reverse": self._hvp_forward_over_reverse,
+            "finite_difference": self._hvp_finite_difference,
+        }[name]
+        norm2 = (v * v).sum()
+
+        def local() -> Tensor:
+            stats = torch.zeros(4, dtype=torch.float64, device=self.spec.device)
+            with _math_attention() if math_sdpa else contextlib.nullcontext():
+                for i, (_, b) in enumerate(self._parts()):
+                    n = float(batch_size(b))
+                    q = ((compute(v, b, key=(i, self._pieces))[0] * v[0]).sum() / norm2).double()
+                    stats += torch.stack([q * n, q * q * n, q.new_tensor(n), q.new_tensor(1.0)])
+            return stats
+
+        total, total_sq, samples, batches = (float(x) for x in self._collective(local, (4,)))
+        mean = total / samples
+        return mean, math.sqrt(max(total_sq / samples - mean * mean, 0.0)), round(batches)
+
     def _block_hvp(self, vectors: Tensor) -> Tensor:
         """Products for one block. Under ``auto`` a block of several vectors goes through one batched double
         backward (``is_grads_batched``: 1.7x to 3x cheaper per vector than a loop in our benchmarks); if that

@@ -37,9 +37,6 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 LossFn = Callable[[torch.nn.Module, Any], Tensor]
-#: The probe's size when a callback is given neither ``num_samples`` nor ``num_batches``
-#: (``benchmarks/probe_size.py``: where disjoint probes on the same weights agree).
-DEFAULT_PROBE_SAMPLES = 512
 #: Rough seconds to draw and log one figure, for the cost estimate before a callback's first measurement.
 FIGURE_SECONDS = 0.2
 _UNSUPPORTED_STRATEGIES = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy", "XLAStrategy")
@@ -95,10 +92,9 @@ class MeasurementCallback(*callback_bases()):
             callbacks on one trainer that have neither schedule nor ``max_overhead`` share
             ``DEFAULT_MAX_OVERHEAD`` (5%) equally.
         num_samples: the probe's size in samples: the first batches of the train loader until they hold at least
-            this many, taken once and re-used at every measurement. ``None`` (default): ``DEFAULT_PROBE_SAMPLES``
-            (512), unless ``num_batches`` is given. Sized in samples so that repeated measurements on the same
-            weights agree whatever the batch size (``benchmarks/probe_size.py``).
-        num_batches: the probe's size in batches instead (give one of the two).
+            this many, taken once and re-used at every measurement (``benchmarks/probe_size.py`` shows how much a
+            curvature number depends on it).
+        num_batches: the probe's size in batches instead (give one of the two; with neither, one batch).
         loss_fn: ``loss_fn(module, batch) -> scalar``; default the module's ``training_step``.
         hvp_method: Hessian-vector product method (see ``functional.HVP_METHODS``).
         eval_mode: measure with the module in eval mode (BatchNorm statistics, no dropout).
@@ -156,7 +152,7 @@ class MeasurementCallback(*callback_bases()):
                 f"num_batches={num_batches})."
             )
         if num_batches is None and num_samples is None:
-            num_samples = DEFAULT_PROBE_SAMPLES
+            num_batches = 1
         if loss_fn is not None and not callable(loss_fn):
             raise TypeError(f"`loss_fn` must be callable as loss_fn(module, batch) or None, got {loss_fn!r}.")
         if hvp_method not in HVP_METHODS:

@@ -19,8 +19,8 @@ if TYPE_CHECKING:
 class HessianCallback(MeasurementCallback):
     """Logs the Hessian's top eigenvalues, its trace and spectral density at scheduled steps.
 
-    Measured on the module's device over a fixed probe set (``num_samples``, default 512 samples, or
-    ``num_batches``), in eval mode, without touching weights, gradients, buffers, modes or the global RNG.
+    Measured on the module's device over a fixed probe set (``num_batches``, default one, or
+    ``num_samples``), in eval mode, without touching weights, gradients, buffers, modes or the global RNG.
     Each eigenvalue estimate warm-starts from the last one's eigenvectors.
 
     Logged (under ``hessian/``): ``eigenvalue_1..k``; ``eigenvalue_1_stderr``, how much ``eigenvalue_1`` depends
@@ -39,7 +39,7 @@ class HessianCallback(MeasurementCallback):
         trace: also estimate the trace (Hutch++, ``trace_hvps`` products).
         density: also estimate the spectral density (SLQ) and log its picture.
         num_batches: probe batches (or give ``num_samples``).
-        num_samples: probe size in samples (default 512 when neither is given).
+        num_samples: probe size in samples instead (default: one batch).
         loss_fn: ``loss_fn(module, batch) -> scalar``; default the module's ``training_step``.
         tol: relative eigenvalue tolerance of the Lanczos solver.
         max_hvps: product budget of the eigenvalue solver.

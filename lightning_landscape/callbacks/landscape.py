@@ -49,7 +49,7 @@ class LossLandscapeCallback(MeasurementCallback):
         distance: half-width of both slices, in units of the filter-normalized directions.
         steps_1d: points of the 1D slice, odd (>= 3).
         num_batches: probe batches (train, and validation for the 1D overlay) (or give ``num_samples``).
-        num_samples: probe size in samples (default 512 when neither is given).
+        num_samples: probe size in samples instead (default: one batch).
         loss_fn: ``loss_fn(module, batch) -> scalar``; default the module's ``training_step``.
         include_1d: also move one-dimensional parameters (biases, normalization layers); Li et al. leave
             them fixed.

@@ -99,7 +99,7 @@ class SharpnessCallback(MeasurementCallback):
             ``average_case`` or ``keskar``; norm ``l2`` or ``linf``; ``"keskar"`` alone is ``"keskar_linf"``)
             or tuples ``(kind, norm[, adaptive])``. Default :data:`DEFAULT_KINDS`.
         num_batches: probe batches (train, and validation for the gap) (or give ``num_samples``).
-        num_samples: probe size in samples (default 512 when neither is given).
+        num_samples: probe size in samples instead (default: one batch).
         loss_fn: ``loss_fn(module, batch) -> scalar``; default the module's ``training_step``.
         steps: gradient evaluations of each worst-case ascent.
         samples: draws of each average-case estimate (each evaluated at ``±z``).

@@ -105,9 +105,10 @@ def test_first_measurement_waits_for_the_estimate(tmp_path, clock, monkeypatch):
     monkeypatch.setattr(base.LossOperator, "gradient", slow_gradient)
     trainer(tmp_path, [clock, cb], max_steps=40).fit(DigitsModule(), train)
     estimate = 0.25 * cb.work_in_gradients()
-    assert cb._cost_estimate == estimate == 0.25 * 2 * 10  # top-1: 10 products of 2 gradients
-    # the measurement (estimated 5 s) waits 5 / 0.25 = 20 s of steps; the gradient's 0.25 s do not count
-    assert steps[0] == 20
+    # top-1: 9 products, 1 for the probe's standard error, 4 for the first measurement's product check, 2 gradients each
+    assert cb._cost_estimate == estimate == 0.25 * 2 * 14
+    # the measurement (estimated 7 s) waits 7 / 0.25 = 28 s of steps; the gradient's 0.25 s do not count
+    assert steps[0] == 28
 
 
 def test_budget_keeps_to_its_share_with_uneven_steps_and_costs():

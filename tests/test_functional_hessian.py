@@ -13,6 +13,7 @@ import copy
 import pytest
 import torch
 from _models import cross_entropy, dense_hessian, digits, digits_mlp
+from torch import nn
 
 from lightning_landscape import functional as LF
 
@@ -177,3 +178,173 @@ def test_generator_controls_randomness(data, trained):
     c = LF.hessian_trace(trained, cross_entropy, batches, num_hvps=9, generator=torch.Generator().manual_seed(4))
     assert a.estimate == b.estimate != c.estimate
     assert torch.equal(state, torch.random.get_rng_state())
+
+
+# --- repeated and near-repeated eigenvalues, warm-start traps, product counts ------------------------------------
+
+
+def _rotated(values: list[float], n: int = 200, dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, ...]:
+    """``(Q diag(values, rest) Qᵀ, Q)`` with ``rest`` uniform in (0, 0.9) and ``Q`` a random rotation (seed 0)."""
+    g = torch.Generator().manual_seed(0)
+    rest = torch.rand(n - len(values), generator=g, dtype=torch.float64) * 0.9
+    q, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
+    return (q @ torch.diag(torch.cat([torch.tensor(values, dtype=torch.float64), rest])) @ q.T).to(dtype), q
+
+
+def _rel_error(result: LF.EigenResult, exact: torch.Tensor) -> float:
+    k = result.eigenvalues.numel()
+    return float(((result.eigenvalues.double() - exact[:k]).abs() / exact[:k].abs()).max())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("k", [3, 4])
+def test_top_k_finds_a_triple_eigenvalue(k, dtype):
+    # single-start Lanczos sees one copy of a repeated eigenvalue: it returned [2, 2, 0.99997] / [2, 2, 1, 0.9]
+    expected = torch.tensor([2.0, 2.0, 2.0, 1.0], dtype=torch.float64)[:k]
+    for seed in range(3):
+        g = torch.Generator().manual_seed(seed)
+        r = LF.top_eigenvalues(LF.DenseOperator(_rotated([2, 2, 2, 1], dtype=dtype)[0]), k, max_hvps=300, generator=g)
+        assert r.converged
+        assert _rel_error(r, expected) <= 1e-3, (seed, r.eigenvalues)
+
+
+def _zero_head_hessian(classes: int, bias: bool) -> tuple[nn.Module, list, torch.Tensor]:
+    x, y = digits(256)
+    x, y = x[y < classes].double(), y[y < classes]
+    head = nn.Linear(64, classes, bias=bias).double()
+    nn.init.zeros_(head.weight)
+    if bias:
+        nn.init.zeros_(head.bias)
+    batches = [(x, y)]
+    return head, batches, dense_hessian(head, cross_entropy, batches)
+
+
+@pytest.mark.parametrize(("classes", "bias"), [(3, False), (3, True), (5, False)])
+def test_zero_initialised_head_has_a_repeated_top_eigenvalue(classes, bias):
+    # a zero head predicts 1/C for every class: H = (I/C - 11ᵀ/C²) ⊗ E[xxᵀ], every eigenvalue of E[xxᵀ]/C repeated
+    # C - 1 times. In float64 single-start Lanczos returned [λ1, λ3, λ4] for C = 3 with converged=True. For C = 5
+    # (top-5 = [λ1 ×4, λ5]) the block of 3 finds 3 copies and must restart with a block of 5.
+    head, batches, h = _zero_head_hessian(classes, bias)
+    exact = torch.linalg.eigvalsh(h).flip(0)
+    copies = classes - 1
+    assert exact[0] - exact[copies - 1] <= 1e-10 * exact[0] and exact[copies - 1] > 2 * exact[copies]  # repeated
+    for seed in range(3):
+        g = torch.Generator().manual_seed(seed)
+        r = LF.hessian_eigenvalues(head, cross_entropy, batches, k=classes, generator=g)
+        assert r.converged and _rel_error(r, exact) <= 1e-3, (seed, r.eigenvalues, exact[:classes])
+        g = torch.Generator().manual_seed(seed)
+        dense = LF.top_eigenvalues(LF.DenseOperator(h), classes, generator=g)
+        assert dense.converged and _rel_error(dense, exact) <= 1e-3, (seed, dense.eigenvalues, exact[:classes])
+
+
+@pytest.mark.parametrize("k", [5, 6])
+def test_a_cluster_larger_than_the_block_is_found(k):
+    # five copies of 2: the block of 3 sees three, suspects more (three equal values before position k) and restarts
+    # with a block of k
+    h, _ = _rotated([2, 2, 2, 2, 2, 1], dtype=torch.float32)
+    expected = torch.tensor([2.0] * 5 + [1.0], dtype=torch.float64)
+    for seed in range(3):
+        r = LF.top_eigenvalues(LF.DenseOperator(h), k, max_hvps=300, generator=torch.Generator().manual_seed(seed))
+        assert r.converged and _rel_error(r, expected) <= 1e-3, (seed, r.eigenvalues)
+        assert r.num_hvps <= 300
+
+
+def test_converged_only_when_the_multiplicity_is_found():
+    h, _ = _rotated([2, 2, 2, 1], dtype=torch.float32)
+    exact = torch.tensor([2.0, 2.0, 2.0], dtype=torch.float64)
+    # one block of products cannot resolve anything: converged must be False
+    r = LF.top_eigenvalues(LF.DenseOperator(h), 3, max_hvps=3, generator=torch.Generator().manual_seed(0))
+    assert not r.converged
+    seen_converged = 0
+    for max_hvps in (3, 6, 10, 12, 17, 20, 24, 31, 40, 60):  # some end on a part block
+        for seed in range(4):
+            g = torch.Generator().manual_seed(seed)
+            r = LF.top_eigenvalues(LF.DenseOperator(h), 3, max_hvps=max_hvps, generator=g)
+            assert r.num_hvps <= max_hvps
+            if r.converged:
+                seen_converged += 1
+                assert _rel_error(r, exact) <= 1e-3, (max_hvps, seed, r.eigenvalues)
+    assert seen_converged >= 8  # the large budgets do converge
+
+
+def _block_run_checks(h: torch.Tensor, run) -> None:
+    """``T = basis H basisᵀ``, an orthonormal basis, and ``‖residual @ s‖ = ‖H x - θ x‖`` for every Ritz pair."""
+    q = run.basis.double()
+    torch.testing.assert_close(q @ q.T, torch.eye(q.shape[0], dtype=torch.float64), atol=1e-10, rtol=0)
+    torch.testing.assert_close(run.tridiagonal, q @ h @ q.T, atol=1e-10, rtol=0)
+    theta, s = torch.linalg.eigh(run.tridiagonal)
+    x = s.T @ q
+    true = (x @ h - theta[:, None] * x).norm(dim=1)
+    torch.testing.assert_close((run.residual @ s).norm(dim=0), true, atol=1e-10, rtol=0)
+
+
+def test_block_lanczos_deflates_and_keeps_its_relations():
+    from lightning_landscape.functional._lanczos import block_lanczos
+
+    g = torch.Generator().manual_seed(0)
+    # three distinct eigenvalues, four copies each: a block of 3 spans the reachable 9 dimensions in 3 steps, then
+    # its residual block vanishes (deflation) and fresh random directions reach the remaining copies
+    q, _ = torch.linalg.qr(torch.randn(12, 12, generator=g, dtype=torch.float64))
+    h = q @ torch.diag(torch.tensor([3.0] * 4 + [2.0] * 4 + [1.0] * 4, dtype=torch.float64)) @ q.T
+    run = block_lanczos(lambda v: v @ h, torch.randn(3, 12, generator=g, dtype=torch.float64), 12, generator=g)
+    assert run.num_matvecs == 12 and run.num_fresh >= 3
+    torch.testing.assert_close(torch.linalg.eigvalsh(run.tridiagonal), torch.linalg.eigvalsh(h), atol=1e-10, rtol=0)
+    _block_run_checks(h, run)
+    # a rank-deficient start block (a repeated row) and a budget that ends on part of a block (3 + 3 + 3 + 1)
+    h, _ = _rotated([2, 2, 2, 1])
+    start = torch.randn(3, 200, generator=g, dtype=torch.float64)
+    start[1] = start[0]
+    run = block_lanczos(lambda v: v @ h, start, 10, generator=g)
+    assert run.num_matvecs == 10 and run.num_fresh == 1
+    _block_run_checks(h, run)
+
+
+@pytest.mark.parametrize("k", [2, 3])
+def test_converged_means_correct_on_a_near_degenerate_pair(trained_spectrum, k):
+    # the trained MLP's λ2, λ3 are close: single-start Lanczos once stopped on [λ1, λ3] (11% off) saying converged
+    h, exact = trained_spectrum
+    for seed in range(12):
+        r = LF.top_eigenvalues(LF.DenseOperator(h.float()), k, tol=1e-3, generator=torch.Generator().manual_seed(seed))
+        assert r.converged
+        assert _rel_error(r, exact) <= 1e-3, (seed, r.eigenvalues, exact[:k])
+
+
+@pytest.mark.parametrize("k", [1, 3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_warm_start_from_the_wrong_eigenvectors_still_finds_the_top(k, dtype):
+    # the last measurement's eigenvectors are exactly v2..v(k+1): a new direction has become the top one, orthogonal to
+    # all of them. A start built from init alone spans an invariant subspace and "converges" to λ2..λ(k+1).
+    values = [3.0, 2.0, 1.5, 1.2, 1.1]
+    h, q = _rotated(values, dtype=dtype)
+    init = q[:, 1 : k + 1].T.to(dtype)  # eigenvectors of 2.0, 1.5, ...
+    for seed in range(3):
+        r = LF.top_eigenvalues(LF.DenseOperator(h), k, init=init, generator=torch.Generator().manual_seed(seed))
+        assert r.converged
+        assert _rel_error(r, torch.tensor(values, dtype=torch.float64)) <= 1e-3, (seed, r.eigenvalues)
+
+
+@pytest.fixture(scope="module")
+def benchmark_mlp_hessian():
+    """The matrix of ``benchmarks/eigen_counts.py``'s ``mlp`` rows (100 SGD steps, Hessian on 256 samples)."""
+    x, y = digits(512)
+    model = digits_mlp()
+    _train(model, x, y, 100)
+    return dense_hessian(model, cross_entropy, [(x[:256], y[:256])])
+
+
+# `python benchmarks/eigen_counts.py` before block Lanczos (single-start Lanczos), HVPs over seeds 0-4:
+# mlp k=1 median 8, max 9; k=3 median 15, max 15; k=5 median 16, max 16. The bound is 1.5x those, rounded down.
+HVP_BOUNDS = {1: (12, 13), 3: (22, 22), 5: (24, 24)}
+
+
+@pytest.mark.parametrize("k", sorted(HVP_BOUNDS))
+def test_hvp_counts_on_a_non_degenerate_spectrum(benchmark_mlp_hessian, k):
+    exact = torch.linalg.eigvalsh(benchmark_mlp_hessian).flip(0)
+    counts = []
+    for seed in range(5):
+        g = torch.Generator().manual_seed(seed)
+        r = LF.top_eigenvalues(LF.DenseOperator(benchmark_mlp_hessian.float()), k, tol=1e-3, max_hvps=300, generator=g)
+        assert r.converged and _rel_error(r, exact) <= 1e-3
+        counts.append(r.num_hvps)
+    median, most = sorted(counts)[2], max(counts)
+    assert median <= HVP_BOUNDS[k][0] and most <= HVP_BOUNDS[k][1], counts

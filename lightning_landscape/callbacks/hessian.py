@@ -130,7 +130,9 @@ class HessianCallback(MeasurementCallback):
         return super().dropped_state_description() + ", and the eigenvectors the next estimate warm-starts from,"
 
     def work_in_gradients(self) -> float:
-        hvps = min(self.max_hvps, 2 * self.top_k + 8)
+        # cold block Lanczos (benchmarks/eigen_counts.py): ~9 products for top-1, ~21 for top-3, a few more beyond
+        hvps = min(self.max_hvps, 7 * min(self.top_k, 3) + 3 * max(self.top_k - 3, 0) + 2) + 1  # + the stderr
+        hvps += 0 if self._validated else 4  # the first measurement checks the exact product
         hvps += self.trace_hvps if self.trace else 0
         hvps += self.density_probes * self.density_steps if self.density else 0
         return 2.0 * hvps

@@ -1,7 +1,12 @@
-"""The Lanczos process on a batch of independent start vectors, with full reorthogonalization.
+"""The Lanczos process, with full reorthogonalization, in two forms.
 
-Shared by the top-k eigensolver (one start vector, a stopping rule) and stochastic Lanczos
-quadrature (several probe vectors advanced together, one batched HVP per step).
+- :func:`lanczos`: a batch of independent chains, one batched product per step (stochastic Lanczos
+  quadrature advances its probe vectors together this way).
+- :func:`block_lanczos`: one block Krylov space from a block of start vectors, one batched product of
+  the block per step (the top-k eigensolver: a block of ``b`` vectors sees up to ``b`` copies of a
+  repeated eigenvalue, where a single start vector sees one).
+
+Vectors are rows: a block is ``[b, n]``.
 """
 
 from __future__ import annotations
@@ -12,9 +17,13 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ._random import gaussian
+
 MatVec = Callable[[Tensor], Tensor]
 # stop(alpha [j+1], beta [j+1], step) -> True to stop; only called for a single chain
 StopRule = Callable[[Tensor, Tensor, int], bool]
+# stop(t [m, m], residual [p, m]) -> True to stop; float64 on the CPU (see `block_lanczos`)
+BlockStopRule = Callable[[Tensor, Tensor], bool]
 
 
 @dataclass
@@ -116,3 +125,134 @@ def lanczos(
         )
         q_prev, q, b_prev = q, w * inv, b
     return LanczosRun(alpha=alpha, beta=beta, lengths=lengths, basis=basis, num_matvecs=steps)
+
+
+@dataclass
+class BlockLanczosRun:
+    """A block Lanczos run: ``tridiagonal = basis · H · basisᵀ`` (block tridiagonal, float64, CPU).
+
+    For a Ritz pair ``(θ, s)`` of ``tridiagonal``, ``‖residual @ s‖`` is the norm of ``H x - θ x`` with
+    ``x = sᵀ basis`` (up to the deflated directions, below rounding level). ``num_fresh`` counts the random
+    vectors that replaced deflated directions.
+    """
+
+    tridiagonal: Tensor
+    basis: Tensor
+    residual: Tensor
+    num_matvecs: int
+    num_fresh: int = 0
+
+
+def _project_out(w: Tensor, basis: Tensor) -> Tensor:
+    """Remove from the rows of ``w [p, n]`` their components along the orthonormal rows of ``basis [m, n]`` (CGS2)."""
+    if basis.shape[0] == 0:
+        return w
+    for _ in range(2):
+        w = w - (w @ basis.T) @ basis
+    return w
+
+
+def _gram64(w: Tensor, chunk: int = 1 << 20) -> Tensor:
+    """``w wᵀ`` accumulated in float64, ``chunk`` columns at a time (never a float64 copy of a large ``w``)."""
+    if w.dtype == torch.float64:
+        return w @ w.T
+    return sum(c.double() @ c.double().T for c in w.split(chunk, dim=1))
+
+
+def _range(gram: Tensor, threshold: float) -> tuple[Tensor, Tensor]:
+    """Singular values ``s`` above ``threshold`` (descending) and left singular vectors ``u [p, r]`` of a block
+    ``W``, from its float64 Gram matrix ``W Wᵀ`` (so ``W = u diag(s) V`` with ``V`` orthonormal rows)."""
+    values, u = torch.linalg.eigh(gram)
+    s, u = values.clamp_min(0).sqrt().flip(0), u.flip(1)
+    keep = s > threshold
+    return s[keep], u[:, keep]
+
+
+def _next_block(w: Tensor, s: Tensor, u: Tensor, size: int, basis: Tensor, generator: torch.Generator) -> Tensor:
+    """``size`` orthonormal rows orthogonal to ``basis``: first the directions ``diag(1/s) uᵀ w`` of the block ``w``
+    (largest first), then fresh random directions in place of the ones deflated."""
+    r = min(s.numel(), size)
+    parts = [(u[:, :r] / s[:r]).T.to(w) @ w] if r else []
+    if size > r:
+        parts.append(gaussian((size - r, w.shape[1]), generator, w.dtype, w.device))
+    v = _project_out(torch.cat(parts), basis)
+    q, rr = torch.linalg.qr(v.T)
+    sign = torch.sign(torch.diagonal(rr))  # keep each row's orientation: the coupling diag(s) uᵀ assumes it
+    return (q * torch.where(sign == 0, torch.ones_like(sign), sign)).T
+
+
+def block_lanczos(
+    matvec: MatVec,
+    start: Tensor,
+    max_matvecs: int,
+    *,
+    stop: BlockStopRule | None = None,
+    generator: torch.Generator | None = None,
+    deflation_tol: float = 100.0,
+) -> BlockLanczosRun:
+    """Block Lanczos from the rows of ``start [b, n]``, full reorthogonalization, at most ``max_matvecs`` products.
+
+    Step ``j`` multiplies the block ``Q_j`` (one batched ``matvec`` of its rows), so ``T`` gains the diagonal
+    block ``A_j = Q_j H Q_jᵀ``; the residual block ``W`` (orthogonalized against the whole basis) is split
+    through its float64 Gram matrix: directions with singular value at most ``deflation_tol · eps · ‖H‖``
+    are deflated (an invariant subspace, an exact multiplicity) and replaced by fresh random directions
+    (from ``generator``) with zero coupling, the rest become ``Q_{j+1}`` with coupling ``B_j = diag(s) uᵀ``.
+    Each step moves only ``A_j`` and the Gram matrix (``2b × b`` numbers) to the host. When the budget
+    leaves room for part of a block, the last block keeps the strongest directions and the dropped ones
+    count in ``residual``. ``stop(T, residual)`` is asked after every step.
+
+    Example:
+        >>> a = torch.diag(torch.tensor([3.0, 3.0, 2.0, 1.0, 0.5]))
+        >>> run = block_lanczos(lambda v: v @ a, torch.randn(2, 5, generator=torch.Generator().manual_seed(0)), 10)
+        >>> torch.linalg.eigvalsh(run.tridiagonal).flip(0)[:3].round(decimals=4).tolist(), run.num_matvecs
+        ([3.0, 3.0, 2.0], 5)
+    """
+    b, n = start.shape
+    dtype, device = start.dtype, start.device
+    generator = generator if generator is not None else torch.Generator().manual_seed(0)
+    cap = min(max_matvecs, n)
+    b = min(b, cap)
+    eps = torch.finfo(dtype).eps
+    basis = torch.empty(cap, n, dtype=dtype, device=device)
+    t = torch.zeros(cap, cap, dtype=torch.float64)
+    gram = _gram64(start).cpu()
+    s, u = _range(gram, deflation_tol * eps * float(gram.diagonal().max().clamp_min(0).sqrt()))
+    q = _next_block(start, s, u, b, basis[:0], generator)
+    num_fresh = b - min(s.numel(), b)
+    m, scale = 0, 0.0
+    dropped: tuple[Tensor, Tensor, int] | None = None  # directions a budget-cut block left out: rows, coupling, at
+    while True:
+        lo, m = m, m + q.shape[0]
+        basis[lo:m] = q
+        w = matvec(q)
+        a = w @ q.T
+        w = _project_out(w, basis[:m])
+        if dropped is not None:  # the residual's part along them, kept apart so that the residual stays exact
+            along = w @ dropped[0].T
+            w = w - along @ dropped[0]
+        pieces = [a.double(), _gram64(w)] + ([along.double()] if dropped is not None else [])
+        small = torch.cat(pieces, dim=1).cpu()  # the one host transfer per step
+        b_j = m - lo
+        a, gram = (small[:, :b_j] + small[:, :b_j].T) / 2, small[:, b_j : 2 * b_j]
+        t[lo:m, lo:m] = a
+        scale = max(scale, float(a.abs().sum(dim=1).max()), float(gram.diagonal().max().clamp_min(0).sqrt()))
+        s, u = _range(gram, deflation_tol * eps * scale)
+        coupling = s[:, None] * u.T  # B_j: W = B_jᵀ Q_{j+1} on the kept directions
+        residual = torch.zeros(coupling.shape[0], m, dtype=torch.float64)
+        residual[:, lo:m] = coupling
+        if dropped is not None:
+            extra = torch.zeros(dropped[1].shape[0], m, dtype=torch.float64)
+            extra[:, dropped[2] : lo] = dropped[1]
+            extra[:, lo:m] = small[:, 2 * b_j :].T
+            residual = torch.cat([residual, extra])
+        room = min(b, cap - m)
+        if (stop is not None and stop(t[:m, :m], residual)) or room == 0:
+            break
+        kept = min(s.numel(), room)
+        q = _next_block(w, s, u, max(room, s.numel()), basis[:m], generator)
+        if s.numel() > room:  # the budget cuts this (then last) block: keep the strongest directions
+            q, dropped = q[:room], (q[room:], coupling[room:], lo)
+        num_fresh += room - kept
+        t[m : m + kept, lo:m] = coupling[:kept]
+        t[lo:m, m : m + kept] = coupling[:kept].T
+    return BlockLanczosRun(t[:m, :m].clone(), basis[:m], residual, m, num_fresh)

@@ -99,7 +99,7 @@ class SAMMixin:
         >>> import pytorch_lightning as pl
         >>> import torch
         >>> from torch.utils.data import DataLoader, TensorDataset
-        >>> class Model(SAMMixin, LightningModule):
+        >>> class Model(SAMMixin, pl.LightningModule):
         ...     def __init__(self, **kwargs):
         ...         super().__init__(**kwargs)
         ...         self.net = torch.nn.Linear(4, 1)
@@ -112,7 +112,7 @@ class SAMMixin:
         >>> model.sam, model.sam_rho, model.sam_adaptive
         (True, 0.1, False)
         >>> data = DataLoader(TensorDataset(torch.randn(8, 4), torch.randn(8, 1)), batch_size=4)
-        >>> trainer = Trainer(max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        >>> trainer = pl.Trainer(max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
         ...                      enable_model_summary=False, accelerator="cpu")
         >>> trainer.fit(model, data)
         >>> trainer.global_step

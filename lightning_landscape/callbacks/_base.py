@@ -58,19 +58,10 @@ def check_bool(name: str, value: object) -> None:
 
 
 def training_step_loss(module: LightningModule, batch: Any) -> Tensor:
-    """The loss the module's own ``training_step`` returns (``out`` or ``out["loss"]``), with
-    ``self.log`` / ``self.log_dict`` silenced while it runs."""
-    silenced = {"log": lambda *a, **k: None, "log_dict": lambda *a, **k: None}
-    previous = {name: module.__dict__.get(name) for name in silenced}
-    module.__dict__.update(silenced)
-    try:
-        out = module.training_step(batch, 0)
-    finally:
-        for name, value in previous.items():
-            if value is None:
-                module.__dict__.pop(name, None)
-            else:
-                module.__dict__[name] = value
+    """The loss the module's own ``training_step`` returns (``out`` or ``out["loss"]``). Callers run it inside
+    :func:`~lightning_landscape._user_state.invisible_user_code` (logging silenced, metrics and attributes kept):
+    every measurement does, once around all of its calls."""
+    out = module.training_step(batch, 0)
     if isinstance(out, dict):
         out = out.get("loss")
     if not isinstance(out, Tensor):

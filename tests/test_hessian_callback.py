@@ -142,3 +142,11 @@ def test_eigenvalue_1_stderr_is_the_spread_of_the_rayleigh_quotient_over_probe_b
     spread = math.sqrt(sum((q - mean) ** 2 for q in quotients) / 4)
     assert cb.last_metrics["hessian/eigenvalue_1"] == pytest.approx(mean, rel=1e-4)
     assert cb.last_metrics["hessian/eigenvalue_1_stderr"] == pytest.approx(spread / 2, rel=1e-3)
+
+
+@pytest.mark.parametrize("method", ["double_backward_batched", "forward_over_reverse", "finite_difference"])
+def test_the_probe_spread_works_with_every_product_method(tmp_path, method):
+    train, _ = loaders(n_train=128, batch_size=32, shuffle=False)
+    cb = HessianCallback(every_n_epochs=1, num_batches=2, hvp_method=method, strict=True)
+    trainer(tmp_path, [cb], logger=False).fit(DigitsModule(), train)
+    assert cb.last_metrics["hessian/eigenvalue_1_stderr"] > 0

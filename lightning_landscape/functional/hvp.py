@@ -541,6 +541,7 @@ class LossOperator:
         name, math_sdpa = self._method
         compute = {
             "double_backward": self._hvp_double_backward,
+            "double_backward_batched": self._hvp_double_backward,
             "forward_over_reverse": self._hvp_forward_over_reverse,
             "finite_difference": self._hvp_finite_difference,
         }[name]

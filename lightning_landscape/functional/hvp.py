@@ -539,12 +539,7 @@ class LossOperator:
         if self._method is None:
             self.hvp(v)  # chooses (and checks) the method
         name, math_sdpa = self._method
-        compute = {
-            "double_backward": self._hvp_double_backward,
-            "double_backward_batched": self._hvp_double_backward,
-            "forward_over_reverse": self._hvp_forward_over_reverse,
-            "finite_difference": self._hvp_finite_difference,
-        }[name]
+        compute = self._product(name)
         norm2 = (v * v).sum()
 
         def local() -> Tensor:
@@ -663,12 +658,7 @@ class LossOperator:
     ) -> Tensor:
         cached = batches is None  # the operator's own batches: their gradient graphs may be kept
         parts = self._parts(batches)
-        compute = {
-            "double_backward": self._hvp_double_backward,
-            "double_backward_batched": self._hvp_double_backward,
-            "forward_over_reverse": self._hvp_forward_over_reverse,
-            "finite_difference": self._hvp_finite_difference,
-        }[name]
+        compute = self._product(name)
         with _math_attention() if math_sdpa else contextlib.nullcontext():
             total = torch.zeros_like(vectors)
             for i, (w, b) in enumerate(parts):
@@ -676,6 +666,15 @@ class LossOperator:
                 out = compute(vectors, b, batched=name == "double_backward_batched", key=key, fd_step=fd_step)
                 total += out * w
         return total
+
+    def _product(self, name: str) -> Callable[..., Tensor]:
+        """The per-batch product function of method ``name`` (see :data:`HVP_METHODS`)."""
+        return {
+            "double_backward": self._hvp_double_backward,
+            "double_backward_batched": self._hvp_double_backward,
+            "forward_over_reverse": self._hvp_forward_over_reverse,
+            "finite_difference": self._hvp_finite_difference,
+        }[name]
 
     def _gradient_graph(self, batch: Any, key: Any) -> tuple[list[Tensor], list[int], list[Tensor]]:
         """``(point, live, outputs)``: the gradient at θ with its graph, cached under ``key``."""

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import math
 import sys
 import time
 from collections.abc import Callable
@@ -36,109 +35,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _bench_models import machine_info, set_threads
 from _models import cross_entropy, digits, digits_mlp
+from _quadratics import Quadratic, box_max_brute_force, box_max_diagonal, quadratic_loss, saddle, trust_region_max
 
 from lightning_landscape.functional import LossOperator, sharpness_estimate
 from lightning_landscape.functional._perturbation import ascent_step
 
 
 # ---------------------------------------------------------------------------------------------- quadratics
-class Quadratic(nn.Module):
-    """``gᵀ(θ − w) + ½(θ − w)ᵀA(θ − w)`` with the parameter ``θ`` starting at ``w``."""
-
-    def __init__(self, a: Tensor, g: Tensor, w: Tensor) -> None:
-        super().__init__()
-        self.theta = nn.Parameter(w.clone())
-        self.register_buffer("a", a.clone())
-        self.register_buffer("g", g.clone())
-        self.register_buffer("w", w.clone())
-
-    def forward(self) -> Tensor:
-        d = self.theta - self.w
-        return self.g @ d + 0.5 * d @ (self.a @ d)
-
-
-def quadratic_loss(model: nn.Module, batch: object) -> Tensor:
-    return model()
-
-
-def problem(d: int, lam_min: float, spectrum: str, gradient: str, rho: float, seed: int, diagonal: bool):
-    """``(A, g, w)`` as described in the module docstring."""
-    gen = torch.Generator().manual_seed(seed)
-    if spectrum == "outliers":
-        ends = torch.tensor([1.0, 0.6, 0.35, lam_min, lam_min / 2, lam_min / 5], dtype=torch.float64)
-        lam = torch.cat([ends, -0.05 + 0.25 * torch.rand(d - 6, generator=gen, dtype=torch.float64)])
-    else:
-        lam = torch.linspace(1.0, lam_min, d, dtype=torch.float64)
-    if diagonal:
-        q = torch.eye(d, dtype=torch.float64)[torch.randperm(d, generator=gen)]
-    else:
-        q = torch.linalg.qr(torch.randn(d, d, generator=gen, dtype=torch.float64))[0]
-    a = (q * lam) @ q.T
-    a = 0.5 * (a + a.T)
-    g = torch.randn(d, generator=gen, dtype=torch.float64)
-    if gradient == "orthogonal":
-        g = g - (g @ q[:, 0]) * q[:, 0]
-    g = g / g.norm() * rho * {"none": 0.0, "small": 0.3, "large": 3.0, "orthogonal": 0.3}[gradient]
-    w = (0.5 + torch.rand(d, generator=gen, dtype=torch.float64)) * torch.randn(d, generator=gen).sign().double()
-    return a, g, w
-
-
-def trust_region_max(a: Tensor, g: Tensor, rho: float) -> float:
-    """``max over ‖u‖₂ ≤ ρ of gᵀu + ½uᵀAu`` (dense float64; hard case included)."""
-    lam, q = torch.linalg.eigh(a)
-    gam = q.T @ g
-    top = lam[-1].item()
-    values = [0.0]
-
-    def value(c: Tensor) -> float:
-        return (gam @ c + 0.5 * (lam * c * c).sum()).item()
-
-    if top < 0 and (gam / lam).norm().item() <= rho:
-        values.append(value(-gam / lam))
-    lo, hi = max(top, 0.0), max(top, 0.0) + gam.norm().item() / rho
-    if gam.norm().item() > 0:
-        for _ in range(300):
-            mid = 0.5 * (lo + hi)
-            lo, hi = (mid, hi) if (gam / (mid - lam)).norm().item() > rho else (lo, mid)
-        values.append(value(gam / (hi - lam)))
-    if top >= 0:
-        rest = lam < top - 1e-9
-        c = torch.zeros_like(gam)
-        c[rest] = gam[rest] / (top - lam[rest])
-        if c.norm().item() <= rho:
-            c[-1] = math.sqrt(rho**2 - c.norm().item() ** 2)
-            values.append(value(c))
-    return max(values)
-
-
-def box_max_diagonal(lam: Tensor, g: Tensor, rho: float) -> float:
-    """``max over ‖u‖∞ ≤ ρ of Σ gᵢuᵢ + ½λᵢuᵢ²``, coordinate by coordinate."""
-    total = 0.0
-    for li, gi in zip(lam.tolist(), g.tolist(), strict=True):
-        best = rho * abs(gi) + 0.5 * li * rho**2
-        if li < 0 and abs(gi / li) <= rho:
-            best = max(best, gi * gi / (2 * -li))
-        total += best
-    return max(total, 0.0)
-
-
-def box_max_brute_force(a: Tensor, g: Tensor, rho: float) -> float:
-    """``max over ‖u‖∞ ≤ ρ of gᵀu + ½uᵀAu`` over every face (small d)."""
-    best = 0.0
-    for assign in itertools.product((-1, 0, 1), repeat=g.numel()):
-        side = torch.tensor(assign, dtype=torch.float64)
-        free, u = side == 0, rho * side
-        if free.any():
-            try:
-                u[free] = torch.linalg.solve(a[free][:, free], -(g[free] + a[free][:, ~free] @ u[~free]))
-            except RuntimeError:
-                continue
-            if u[free].abs().max().item() > rho * (1 + 1e-12):
-                continue
-        best = max(best, (g @ u + 0.5 * u @ a @ u).item())
-    return best
-
-
 # ---------------------------------------------------------------------------------------------- the previous ascent
 def previous_ascent(
     op: LossOperator, rho: float, norm: str, adaptive: bool, eta: float, steps: int, seed: int
@@ -238,7 +141,7 @@ def quadratic_section(args: argparse.Namespace) -> None:
         cases = [c for c in cases if c[5] in ("none", "small")]
     for norm, adaptive, spectrum, d, lam_min, gradient, steps in cases:
         diagonal = norm == "linf"
-        a, g, w = problem(d, lam_min, spectrum, gradient, rho, seed=d, diagonal=diagonal)
+        a, g, w = saddle(d, lam_min, gradient, rho, seed=d, diagonal=diagonal, spectrum=spectrum)
         model = Quadratic(a, g, w).float()
         w32 = model.theta.detach().double()
         c = (w32.abs() + eta) if adaptive else torch.ones_like(w32)

@@ -390,7 +390,7 @@ class MeasurementCallback(*callback_bases()):
         self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
     ) -> None:
         if _fn(trainer) == "validate":  # trainer.validate(): a post-hoc measurement on these batches
-            self.on_validation_batch_start_posthoc(trainer, batch, dataloader_idx)
+            self._collect_posthoc(trainer, batch, dataloader_idx)
             return
         if self.needs_val_probe and not self._val_taken:
             self.val_probe(trainer)  # decides: drawn now (a loader that allows it) or copied from here on
@@ -430,7 +430,7 @@ class MeasurementCallback(*callback_bases()):
         self._logger.warn_once("no-measurement", f"no measurement was made in this fit: {why}.")
 
     # ------------------------------------------------------------------ after the fact: validate / test
-    def on_validation_batch_start_posthoc(self, trainer: Trainer, batch: Any, dataloader_idx: int) -> None:
+    def _collect_posthoc(self, trainer: Trainer, batch: Any, dataloader_idx: int) -> None:
         """Copy the first ``num_batches`` batches of ``trainer.validate()`` / ``trainer.test()`` (loader 0)."""
         if dataloader_idx == 0 and not self.probe_complete(self._posthoc_batches):
             self._posthoc_batches.append(copy_batch(batch))
@@ -438,7 +438,7 @@ class MeasurementCallback(*callback_bases()):
     def on_test_batch_start(
         self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
     ) -> None:
-        self.on_validation_batch_start_posthoc(trainer, batch, dataloader_idx)
+        self._collect_posthoc(trainer, batch, dataloader_idx)
 
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if _fn(trainer) == "validate":

@@ -177,4 +177,4 @@ def test_top_k_larger_than_the_parameter_count_is_refused_at_setup(tmp_path):
 def test_probe_size_is_given_once(cls):
     with pytest.raises(ValueError, match=r"num_samples.*num_batches"):
         cls(num_samples=256, num_batches=4)
-    assert cls().num_samples is None and cls().num_batches == 1
+    assert cls().num_samples == 256 and cls().num_batches is None  # DEFAULT_PROBE_SAMPLES

@@ -15,7 +15,8 @@ from lightning_landscape import HessianCallback
 from lightning_landscape import functional as LF
 
 train, _ = loaders(n_train=256, batch_size=32, shuffle=True)
-cb = HessianCallback(every_n_train_steps=2, top_k=2, trace=True, trace_hvps=12, loss_fn=cross_entropy)
+cb = HessianCallback(every_n_train_steps=2, top_k=2, trace=True, trace_hvps=12, loss_fn=cross_entropy,
+                     num_batches=1)
 module = DigitsModule(lr=0.1)
 trainer = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_steps=4, default_root_dir=OUT, callbacks=[cb],
                      enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False)

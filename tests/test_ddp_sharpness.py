@@ -18,7 +18,8 @@ from lightning_landscape.functional.sharpness import sharpness_estimate
 
 train, val = loaders(n_train=256, n_val=128, batch_size=32, shuffle=True)
 kinds = ["worst_case_l2", "worst_case_l2_adaptive", "average_case_l2", "keskar"]
-cb = SharpnessCallback(every_n_train_steps=2, kinds=kinds, steps=5, samples=4, loss_fn=cross_entropy)
+cb = SharpnessCallback(every_n_train_steps=2, kinds=kinds, steps=5, samples=4, loss_fn=cross_entropy,
+                       num_batches=1)
 module = DigitsModule(lr=0.1)
 trainer = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_steps=4, default_root_dir=OUT, callbacks=[cb],
                      enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False)

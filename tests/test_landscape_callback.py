@@ -59,7 +59,7 @@ def test_frames_in_event_file_and_fixed_directions(tmp_path, recorded):
     # trained weights sit lower than their neighbourhood along random directions
     assert all(v > 0 for v in scalar_steps(acc, "landscape/rise_at_edge").values())
     # the 1D overlay used fixed validation batches
-    assert cb._val_probe is not None and len(cb._val_probe) == 1
+    assert cb._val_probe is not None and sum(len(b[1]) for b in cb._val_probe) == 128  # all 128 (< 256 default)
 
 
 def test_training_unchanged_by_callback(tmp_path):
@@ -161,7 +161,7 @@ from lightning_landscape.callbacks.landscape import LossLandscapeCallback
 from lightning_landscape.functional.surface import filter_normalize, loss_surface
 
 train, val = loaders(n_train=256, batch_size=32, shuffle=True)
-cb = LossLandscapeCallback(every_n_train_steps=2, steps=5, steps_1d=5, loss_fn=cross_entropy)
+cb = LossLandscapeCallback(every_n_train_steps=2, steps=5, steps_1d=5, loss_fn=cross_entropy, num_batches=1)
 module = DigitsModule(lr=0.1)
 trainer = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_steps=4, default_root_dir=OUT, callbacks=[cb],
                      enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False)

@@ -152,3 +152,47 @@ def machine_info(device: torch.device) -> str:
         f" python {platform.python_version()}; torch {torch.__version__}; device {device} ({name});"
         f" CPUs {os.cpu_count()}, torch threads {torch.get_num_threads()}{load}"
     )
+
+
+# ---------------------------------------------------------------------------------------------- GPT-2-shaped LMs
+#: GPT-2-shaped causal LMs (transformers' ``GPT2LMHeadModel``, embedding tied to the head) and their batches:
+#: ``1m`` ≈ 0.94M parameters (CPU), ``124m`` is GPT-2 small, ``1b`` ≈ 1.01B (18 blocks of width 2048)
+LM_SIZES: dict[str, dict[str, int]] = {
+    "1m": dict(n_layer=4, n_embd=128, n_head=4, vocab_size=1024, batch=4, seq=128),
+    "124m": dict(n_layer=12, n_embd=768, n_head=12, vocab_size=50257, batch=4, seq=1024),
+    "1b": dict(n_layer=18, n_embd=2048, n_head=16, vocab_size=50257, batch=4, seq=1024),
+}
+
+
+def gpt2_lm(size: str, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> nn.Module:
+    """A random-init GPT-2-shaped ``GPT2LMHeadModel`` of ``size`` (:data:`LM_SIZES`), SDPA attention, seed 0.
+
+    Needs ``transformers`` (imported here, so the other benchmarks do not)."""
+    import transformers
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    transformers.logging.set_verbosity_error()
+    shape = {k: v for k, v in LM_SIZES[size].items() if k not in ("batch", "seq")}
+    config = GPT2Config(
+        **shape, n_positions=LM_SIZES[size]["seq"], bos_token_id=0, eos_token_id=0,
+        attn_implementation="sdpa",
+    )  # fmt: skip
+    torch.manual_seed(0)
+    with torch.device(device):
+        return GPT2LMHeadModel(config).to(dtype)
+
+
+def lm_batch(size: str, device: torch.device | str = "cpu", seed: int = 1, rows: slice | None = None) -> dict:
+    """``{"input_ids", "attention_mask", "labels"}`` of random tokens, ``batch × seq`` of :data:`LM_SIZES` (``rows``:
+    a slice of the samples, e.g. one process's share)."""
+    shape = LM_SIZES[size]
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, shape["vocab_size"], (shape["batch"], shape["seq"]), generator=g)
+    ids = ids[rows] if rows is not None else ids
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def lm_loss(model: nn.Module, batch: dict) -> Tensor:
+    """The causal LM's own loss, as users write it: ``model(**batch).loss``."""
+    return model(**batch).loss

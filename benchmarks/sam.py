@@ -1,16 +1,24 @@
 #!/usr/bin/env python
-"""Time per training step with and without ``SAMMixin``: same model, same data, same Trainer settings, one run.
+"""Time per training step with ``SAMMixin``'s variants against plain steps: same model, same data, one run.
 
-The floor is 2x for the forward-backward work (SAM runs two passes per step); the optimizer step, logging and
+Plain SAM's floor is 2x for the forward-backward work (two passes per step); the optimizer step, logging and
 Lightning's per-step bookkeeping happen once, so where they are a visible part of a step the ratio can fall a
-little below 2. Each step is timed from ``on_train_batch_start`` to ``on_train_batch_end`` (training_step,
-backward, the optimizer step, logging: Lightning's overhead included, the data loader's not). Within one
-``Trainer.fit`` the module switches ``sam`` on and off at alternate steps (the flag may change at any time),
-so a machine shared with other work slows both alike; reported are medians, minima, the median over
-neighbouring (off, on) pairs of their ratio, and SAM's own work per step (time inside the SAM closure minus
-the two Lightning closures it runs: the ascent step, saving and restoring weights and buffers)::
+little below 2. ``sam_every_n_steps=k`` pays the second pass on one step in k (about ``1 + 1/k`` of plain);
+SAM-ON (``sam_params="norm"``) still runs both passes, but forms, saves and restores ε for the normalization
+layers only; LookSAM (``sam_reuse``) adds a few fused operations over the gradients to the plain steps.
+
+Each step is timed from ``on_train_batch_start`` to ``on_train_batch_end`` (training_step, backward, the
+optimizer step, logging: Lightning's overhead included, the data loader's not). Within one ``Trainer.fit`` the
+module switches configuration every ``--block`` steps (the settings may change at any time), cycling
+plain, variant 1, plain, variant 2, …, so a machine shared with other work slows all alike. A block starts on a
+SAM step of the every-k variants (``k`` = the block length), so each such block holds exactly one SAM step
+followed by its plain steps. Reported per variant: the median over rounds of (variant block time / the plain
+block just before it), the ratio of the medians of their per-step times, and SAM's own work per SAM step (time
+inside the SAM closure minus the two Lightning closures it runs: ascent step, saving and restoring weights and
+buffers, the second pass's guard)::
 
     python benchmarks/sam.py                      # ResNet-like CNN with BatchNorm on 8x8 digits, CPU
+    python benchmarks/sam.py --variants sam,norm --rounds 40
     python benchmarks/sam.py --model mlp --device cuda --batch-size 1024
 """
 
@@ -18,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import platform
 import statistics
 import time
@@ -32,6 +41,16 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_landscape.sam import SAMMixin
 
+#: name -> (settings, what the issue asks of it on the benchmark ResNet on the CPU)
+VARIANTS: dict[str, tuple[dict, str]] = {
+    "sam": ({}, ""),
+    "every5": ({"sam_every_n_steps": 5}, "<= 1.25x"),
+    "norm": ({"sam_params": "norm"}, "<= 1.9x"),
+    "every5-reuse": ({"sam_every_n_steps": 5, "sam_reuse": True}, ""),
+    "log": ({"sam_log": True}, ""),
+}
+DEFAULTS = {"sam_every_n_steps": 1, "sam_params": None, "sam_reuse": False, "sam_log": False}
+
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -39,8 +58,10 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--model", choices=("mlp", "cnn", "resnet"), default="resnet")
     p.add_argument("--width", type=int, default=16, help="channels (cnn, resnet) or hidden units (mlp)")
     p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--steps", type=int, default=300, help="timed steps (half of them SAM steps)")
-    p.add_argument("--warmup", type=int, default=10, help="untimed steps at the start")
+    p.add_argument("--variants", default="sam,every5,norm,every5-reuse", help=f"comma-separated, of {list(VARIANTS)}")
+    p.add_argument("--block", type=int, default=5, help="steps per block (the k of the every-k variants divides it)")
+    p.add_argument("--rounds", type=int, default=12, help="timed (plain block, variant block) pairs per variant")
+    p.add_argument("--warmup", type=int, default=1, help="untimed rounds at the start")
     p.add_argument("--adaptive", action="store_true", help="ASAM instead of SAM")
     p.add_argument("--precision", default="32-true")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: torch's default)")
@@ -66,12 +87,28 @@ def make_model(name: str, width: int) -> nn.Module:
 
 
 class Model(SAMMixin, pl.LightningModule):
-    def __init__(self, net: nn.Module, **kwargs) -> None:
+    """Switches ``sam`` and the variant's settings every ``block`` steps: plain, variants[0], plain, variants[1], …"""
+
+    def __init__(self, net: nn.Module, variants: list[str], block: int, **kwargs) -> None:
         super().__init__(**kwargs)
         self.net = net
+        self.variants, self.block = variants, block
+        self.label = "plain"
+
+    def schedule(self, step: int) -> tuple[int, str]:
+        """(block number, label) of ``step``: blocks start one step early, on the every-k variants' SAM step."""
+        number = (step + 1) // self.block
+        position = number % (2 * len(self.variants))
+        return number, ("plain" if position % 2 == 0 else self.variants[position // 2])
 
     def on_train_batch_start(self, batch, batch_idx):
-        self.sam = batch_idx % 2 == 1  # alternate: off, on, off, on, ...
+        _, label = self.schedule(self.global_step)
+        if label != self.label:
+            self.label = label
+            settings = {**DEFAULTS, **VARIANTS[label][0]} if label != "plain" else {}
+            for name, value in settings.items():
+                setattr(self, name, value)
+            self.sam = label != "plain"
 
     def training_step(self, batch, batch_idx):
         x, y = batch
@@ -84,11 +121,10 @@ class Model(SAMMixin, pl.LightningModule):
 
 
 class StepTimer(pl.Callback):
-    """Wall time of each training step after ``warmup`` steps, by the module's ``sam`` (CUDA synchronized)."""
+    """Wall time of each step, by block (CUDA synchronized): ``blocks[number] = (label, [seconds, ...])``."""
 
-    def __init__(self, warmup: int) -> None:
-        self.warmup = warmup
-        self.times: list[tuple[bool, float]] = []
+    def __init__(self) -> None:
+        self.blocks: dict[int, tuple[str, list[float]]] = {}
         self._t0 = 0.0
 
     def _now(self, module: pl.LightningModule) -> float:
@@ -101,8 +137,8 @@ class StepTimer(pl.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         elapsed = self._now(pl_module) - self._t0
-        if trainer.global_step > self.warmup:
-            self.times.append((pl_module.sam, elapsed))
+        number, label = pl_module.schedule(trainer.global_step - 1)  # the step just taken
+        self.blocks.setdefault(number, (label, []))[1].append(elapsed)
 
 
 def data(batch_size: int, steps: int) -> DataLoader:
@@ -116,27 +152,28 @@ def data(batch_size: int, steps: int) -> DataLoader:
 
 
 class OwnCost:
-    """Time inside ``SAMMixin._sam_closure`` minus the time in the Lightning closures it runs: what SAM itself
-    adds per step (ascent step, saving and restoring weights and buffers, setting up the second pass).
-    Wraps both methods for the duration of a ``with`` block."""
+    """Time inside ``SAMMixin._sam_closure`` minus the time in the Lightning closures it runs, by the module's
+    ``label``: what SAM itself adds per SAM step (ascent step, saving and restoring weights and buffers, setting
+    up the second pass). Wraps both methods for the duration of a ``with`` block."""
 
     def __init__(self) -> None:
-        self.own = 0.0
-        self.steps = 0
+        self.own: dict[str, float] = {}
+        self.steps: dict[str, int] = {}
         self._inside = False
+        self._label = ""
 
     def __enter__(self) -> OwnCost:
         self._originals = sam_closure, closure = SAMMixin._sam_closure, Closure.closure
         cost = self
 
         def timed_sam_closure(module, *args, **kwargs):
-            cost._inside, t0 = True, time.perf_counter()
+            cost._inside, cost._label, t0 = True, module.label, time.perf_counter()
             try:
                 return sam_closure(module, *args, **kwargs)
             finally:
                 cost._inside = False
-                cost.own += time.perf_counter() - t0
-                cost.steps += 1
+                cost.own[cost._label] = cost.own.get(cost._label, 0.0) + time.perf_counter() - t0
+                cost.steps[cost._label] = cost.steps.get(cost._label, 0) + 1
 
         def timed_closure(self, *args, **kwargs):
             t0 = time.perf_counter()
@@ -144,7 +181,7 @@ class OwnCost:
                 return closure(self, *args, **kwargs)
             finally:
                 if cost._inside:
-                    cost.own -= time.perf_counter() - t0
+                    cost.own[cost._label] = cost.own.get(cost._label, 0.0) - (time.perf_counter() - t0)
 
         SAMMixin._sam_closure, Closure.closure = timed_sam_closure, timed_closure
         return self
@@ -152,21 +189,26 @@ class OwnCost:
     def __exit__(self, *exc: object) -> None:
         SAMMixin._sam_closure, Closure.closure = self._originals
 
-    def ms_per_step(self) -> float:
-        return 1e3 * self.own / max(self.steps, 1)
+    def ms_per_sam_step(self, label: str) -> float:
+        return 1e3 * self.own.get(label, 0.0) / max(self.steps.get(label, 0), 1)
 
 
 def main() -> None:
     args = parse_args()
+    variants = args.variants.split(",")
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        raise SystemExit(f"unknown variants {unknown}; choose from {list(VARIANTS)}")
     if args.threads:
         torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
     logging.getLogger("pytorch_lightning").setLevel(logging.ERROR)
-    steps = args.warmup + args.steps + args.steps % 2
+    per_round = 2 * len(variants)
+    steps = (args.warmup + args.rounds) * per_round * args.block + args.block - 1  # the first block is short
     torch.manual_seed(0)
     net = make_model(args.model, args.width)
-    module = Model(net, sam_adaptive=args.adaptive)
-    timer = StepTimer(args.warmup)
+    module = Model(net, variants, args.block, sam_adaptive=args.adaptive)
+    timer = StepTimer()
     trainer = pl.Trainer(
         accelerator=args.device,
         devices=1,
@@ -179,29 +221,36 @@ def main() -> None:
         callbacks=[timer],
     )
     device = torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or "cpu"
+    load = " ".join(f"{x:.1f}" for x in os.getloadavg())
     print(
         f"SAM step-time benchmark: torch {torch.__version__}, pytorch-lightning {pl.__version__}, {device}, "
-        f"{torch.get_num_threads()} CPU threads"
+        f"{torch.get_num_threads()} CPU threads, load average {load}"
     )
     print(
         f"model {args.model} (width {args.width}, {sum(p.numel() for p in net.parameters()):,} parameters), "
         f"batch {args.batch_size}, precision {args.precision}, {'ASAM' if args.adaptive else 'SAM'}; "
-        f"{args.steps} timed steps alternating off/on after {args.warmup} warm-up steps, one Trainer.fit"
+        f"blocks of {args.block} steps: plain, variant, plain, next variant, ...; {args.rounds} timed rounds "
+        f"after {args.warmup} warm-up round(s), one Trainer.fit of {steps} steps"
     )
     start = time.perf_counter()
     with OwnCost() as own:
         trainer.fit(module, data(args.batch_size, steps))
     wall = time.perf_counter() - start
-    off = [t for sam, t in timer.times if not sam]
-    on = [t for sam, t in timer.times if sam]
-    pairs = [b / a for (sa, a), (sb, b) in zip(timer.times[::2], timer.times[1::2], strict=False) if not sa and sb]
-    for name, ts in (("without SAM", off), ("with SAM", on)):
-        med, low = 1e3 * statistics.median(ts), 1e3 * min(ts)
-        print(f"{name:12s} median {med:8.2f} ms/step, min {low:8.2f} ({len(ts)} steps)")
-    print(f"ratio of medians       {statistics.median(on) / statistics.median(off):6.3f}x")
-    print(f"ratio of minima        {min(on) / min(off):6.3f}x")
-    print(f"median of pair ratios  {statistics.median(pairs):6.3f}x  (floor 2x: two forward-backward passes)")
-    print(f"SAM's own work (outside both forward-backward passes): {own.ms_per_step():.2f} ms/step (mean)")
+    first_timed = 1 + args.warmup * per_round  # block 0 is short
+    blocks = {n: b for n, b in timer.blocks.items() if n >= first_timed and len(b[1]) == args.block}
+    plain = [statistics.fmean(ts) for label, ts in blocks.values() if label == "plain"]
+    print(f"plain: median {1e3 * statistics.median(plain):.2f} ms/step over {len(plain)} blocks")
+    header = f"{'variant':14s} {'ms/step':>8s} {'pair ratio':>11s} {'(IQR)':>15s} {'ratio of medians':>17s}"
+    print(f"{header} {'own work/SAM step':>18s}  target")
+    for v in variants:
+        times = [(n, statistics.fmean(ts)) for n, (label, ts) in blocks.items() if label == v]
+        pairs = [t / statistics.fmean(blocks[n - 1][1]) for n, t in times if n - 1 in blocks]
+        q = statistics.quantiles(pairs, n=4) if len(pairs) > 1 else [pairs[0]] * 3
+        med = statistics.median(t for _, t in times)
+        print(
+            f"{v:14s} {1e3 * med:8.2f} {statistics.median(pairs):10.3f}x {f'({q[0]:.3f}-{q[2]:.3f})':>15s} "
+            f"{med / statistics.median(plain):16.3f}x {own.ms_per_sam_step(v):15.2f} ms  {VARIANTS[v][1]}"
+        )
     print(f"wall time {wall:.1f} s")
 
 

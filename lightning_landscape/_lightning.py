@@ -115,3 +115,31 @@ def module_attr(obj: object, path: str) -> Any:
     module_path, _, name = path.rpartition(".")
     module = importlib.import_module(f"{namespace.__name__}.{module_path}") if module_path else namespace
     return getattr(module, name)
+
+
+#: strategies whose parameters the plugin cannot see as FSDP2 DTensor shards, and why
+UNSUPPORTED_STRATEGIES = {
+    "FSDPStrategy": "FSDP1 flattens parameters into FlatParameters; use ModelParallelStrategy (FSDP2, `fully_shard` "
+    "in `configure_model`), which the plugin measures shard by shard",
+    "DeepSpeedStrategy": "DeepSpeed partitions parameters and gradients outside PyTorch's view; use "
+    "ModelParallelStrategy (FSDP2) or DDP",
+    "XLAStrategy": "XLA's lazy tensors are not supported",
+    "SingleDeviceXLAStrategy": "XLA's lazy tensors are not supported",
+}
+
+
+def check_strategy(owner: str, strategy: Any) -> None:
+    """Raise a ``RuntimeError`` naming ``owner`` for a strategy the plugin cannot measure under: DeepSpeed, XLA,
+    FSDP1, and ``ModelParallelStrategy`` with tensor parallelism (FSDP2's data-parallel sharding is measured)."""
+    name = type(strategy).__name__
+    if name in UNSUPPORTED_STRATEGIES:
+        raise RuntimeError(f"{owner} does not support {name}: {UNSUPPORTED_STRATEGIES[name]}.")
+    if name == "ModelParallelStrategy":
+        mesh = getattr(strategy, "device_mesh", None) if getattr(strategy, "_device_mesh", None) is not None else None
+        tp = mesh["tensor_parallel"].size() if mesh is not None else getattr(strategy, "_tensor_parallel_size", 1)
+        if tp != 1:
+            raise RuntimeError(
+                f"{owner} supports ModelParallelStrategy with data-parallel (FSDP2) sharding only; this one has "
+                f"tensor_parallel_size={tp}. Use ModelParallelStrategy(data_parallel_size=N, tensor_parallel_size=1) "
+                "(Lightning's 'auto' gives every device to tensor parallelism)."
+            )

@@ -1,24 +1,27 @@
 """``SAMMixin``: sharpness-aware minimization (SAM, Foret et al. 2021; ASAM, Kwon et al. 2021) by one flag.
 
-Each optimizer step of a module that mixes this in, with ``sam`` on:
+Each SAM step of a module that mixes this in, with ``sam`` on (every optimizer step, or every k-th with
+``sam_every_n_steps``):
 
 1. Lightning's own closure runs ``training_step`` and ``backward`` at the weights ``w``: ``g = ∇L_B(w)``
    (``self.log`` calls count here, BatchNorm statistics move here; under DDP without the all-reduce);
-2. ``ε = ρ·g/‖g‖₂`` (SAM) or ``ε = ρ·T²g/‖Tg‖₂`` with ``T = |w| + η`` (ASAM), the norm over every
-   parameter the optimizer holds that has a gradient (:func:`~lightning_landscape.functional._perturbation.ascent_step`,
-   the same step worst-case sharpness starts with);
+2. ``ε = ρ·g/‖g‖₂`` (SAM) or ``ε = ρ·T²g/‖Tg‖₂`` with ``T = |w| + η`` (ASAM), over the perturbed parameters
+   (``sam_params``; all by default) the optimizer holds that have a gradient
+   (:func:`~lightning_landscape.functional._perturbation.ascent_step`, the same step worst-case sharpness starts with);
 3. the closure runs again at ``w + ε`` with ``self.log`` silenced and module buffers, plain attributes and torchmetrics
-   states left as the first pass made them: ``g_sam = ∇L_B(w + ε)`` (under DDP all-reduced);
+   states left as the first pass made them: ``g_sam = ∇L_B(w + ε)`` for every parameter (under DDP all-reduced);
 4. ``w`` is restored exactly (a copy, not ``w + ε - ε``) and Lightning carries on as always: precision
    plugin (unscaling, skipping non-finite steps), ``on_before_optimizer_step``, gradient clipping, then the
    user's optimizer steps with ``g_sam``; LR schedulers, ``global_step`` and checkpoints are untouched.
+
+The variants (issue 17) are small pieces in :mod:`lightning_landscape._sam_variants`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from functools import partial
 from typing import Any
 
@@ -26,19 +29,21 @@ import torch
 from lightning_utilities.core.rank_zero import rank_zero_warn
 from torch import Tensor
 
-from lightning_landscape._lightning import Trainer
+from lightning_landscape._lightning import UNSUPPORTED_STRATEGIES, Trainer, check_strategy
+from lightning_landscape._sam_variants import (
+    ParamSelection,
+    Reuse,
+    ascent_norm,
+    check_every_n_steps,
+    check_rho,
+    is_sam_step,
+    rho_at,
+)
 from lightning_landscape._user_state import invisible_user_code
 from lightning_landscape.functional._perturbation import ascent_step
+from lightning_landscape.functional._sharded import reshard
 
 __all__ = ["SAMMixin"]
-
-_UNSUPPORTED_STRATEGIES = (
-    "FSDPStrategy",
-    "DeepSpeedStrategy",
-    "ModelParallelStrategy",
-    "XLAStrategy",
-    "SingleDeviceXLAStrategy",
-)
 
 
 def _check_bool(name: str, value: object) -> bool:
@@ -74,6 +79,37 @@ class SAMMixin:
         sam_sync_first: under DDP, all-reduce the first gradient too, so every rank perturbs with the global
             gradient. Off (default), each rank perturbs with its own batch's gradient (the ``m``-sharpness of
             the SAM paper, and no extra communication); the second gradient is always all-reduced.
+        sam_every_n_steps: ``k``: SAM on the k-th, 2k-th, … optimizer step only (``global_step + 1`` divisible by
+            ``k``, as Lightning counts ``every_n_train_steps`` and ``log_every_n_steps``), plain steps between
+            (MosaicML Composer's ``interval``). Derived from ``global_step``, so a resume is exact. ``1``: every step.
+        sam_params: which parameters are perturbed: ``None`` (all), ``"norm"`` (the affine parameters of
+            normalization layers, SAM-ON of Mueller et al. 2023: torch's BatchNorm*/LayerNorm/GroupNorm/
+            InstanceNorm*/RMSNorm and any module class named ``…Norm``), a sequence of ``named_parameters()``
+            names or glob patterns (``["encoder.*", "head.bias"]``), or a predicate ``(name, parameter) -> bool``.
+            The others are not perturbed, ``‖g‖`` (and ASAM's ``T``) runs over the perturbed ones only, and every
+            parameter steps with the gradient taken at ``w + ε``. So the first pass needs the perturbed ones'
+            gradients only: the others do not require grad during it (backward skips their weight gradients;
+            hooks there see ``.grad`` on the perturbed ones only), except under FSDP2, ``sam_sync_first`` DDP
+            and ``sam_reuse``. Resolved at ``setup`` (a choice that selects nothing is an error there) and again
+            only if the parameters are replaced; a predicate is called then, not at every step.
+        sam_log: log on SAM steps only, on the step axis of your own ``self.log`` values: ``sam/sharpness``
+            ``= L_B(w + ε) − L_B(w)`` (both losses the passes computed anyway), ``sam/grad_norm`` (the norm
+            ``ε`` is scaled by: ``‖g‖₂``, or ``‖Tg‖₂`` for ASAM) and ``sam/rho``; under DDP rank zero's values.
+            No host synchronisation in the step (tensors go to ``self.log``; the logger reads them when it
+            writes). With ``Trainer(log_every_n_steps)`` a multiple of ``sam_every_n_steps``, every written step
+            is a SAM step; otherwise the written steps that are not carry no ``sam/`` values.
+        sam_reuse: LookSAM (Liu et al. 2022), with ``sam_every_n_steps > 1``: each SAM step keeps ``g_v``, the
+            component of ``g_sam`` orthogonal to that step's ``g``; the plain steps between add
+            ``α·‖g‖/‖g_v‖·g_v`` to their gradient ``g``. ``g_v`` (one gradient's memory) is saved in checkpoints
+            (``on_save_checkpoint``; a class that overrides it must call ``super()``), so a resume between SAM
+            steps is exact. Under DDP with per-rank ``ε``, ``g_v`` is averaged over the ranks (one all-reduce per
+            SAM step). Not under FSDP2.
+        sam_reuse_alpha: LookSAM's ``α``.
+
+    ``sam_rho`` may be a schedule: a callable ``rho(global_step) -> float`` (e.g. a warm-up), called at each SAM
+    step and checked there. The callable (like a ``sam_params`` predicate) is code, not state: checkpoints do not
+    hold it (and ``save_hyperparameters`` can only pickle a module-level function); pass the same callable again
+    when resuming (the value depends on ``global_step`` only, which is restored, so the resume is exact).
 
     What else holds with ``sam`` on:
 
@@ -92,8 +128,11 @@ class SAMMixin:
     - anything else ``training_step`` does (dropout masks, the global RNG, objects outside the module) happens twice.
 
     Unsupported, with an error at ``setup``: manual optimization, ``accumulate_grad_batches > 1`` (the
-    micro-batches before the last are gone when ``ε`` is known), FSDP, DeepSpeed, model-parallel and XLA
-    strategies. A class that overrides ``optimizer_step`` must call ``super().optimizer_step(...)``.
+    micro-batches before the last are gone when ``ε`` is known), FSDP1 (``FSDPStrategy``), DeepSpeed, tensor
+    parallelism and XLA. Under ``ModelParallelStrategy`` (FSDP2) ``ε`` is computed on each process's shards from
+    the gradient FSDP has already averaged over the processes (``‖g‖`` reduced across them), so it is
+    ``sam_sync_first=True``'s SAM whatever that flag says: the per-process gradients are never whole anywhere.
+    A class that overrides ``optimizer_step`` must call ``super().optimizer_step(...)``.
 
     Example:
         >>> import pytorch_lightning as pl
@@ -120,7 +159,14 @@ class SAMMixin:
         >>> model.sam_rho = -1.0
         Traceback (most recent call last):
         ...
-        ValueError: `sam_rho` must be a finite number > 0, got -1.0.
+        ValueError: `sam_rho` must be a finite number > 0 or a callable step -> ρ, got -1.0.
+
+        The variants: SAM on every 5th step, only normalization layers perturbed, ``ρ`` warmed up, logged:
+
+        >>> model = Model(sam=True, sam_every_n_steps=5, sam_params="norm", sam_log=True,
+        ...               sam_rho=lambda step: 0.05 * min(1.0, (step + 1) / 1000))
+        >>> model.sam_every_n_steps, model.sam_params
+        (5, 'norm')
     """
 
     # class-level defaults, so the properties work even before ``__init__`` has run
@@ -129,6 +175,13 @@ class SAMMixin:
     _sam_adaptive: bool = False
     _sam_eta: float = 0.01
     _sam_sync_first: bool = False
+    _sam_every_n_steps: int = 1
+    _sam_selection: ParamSelection = ParamSelection(None)
+    _sam_log: bool = False
+    _sam_reuse: bool = False
+    _sam_reuse_alpha: float = 0.7
+    _sam_reuse_state: Reuse | None = None  # LookSAM's g_v (an object: the second pass's guard leaves it alone)
+    _sam_logged: tuple[str, ...] = ()  # keys of this step's sam/ values in Lightning's result collection
     _sam_perturbed: bool = False
     _sam_originals: dict[int, Tensor] | None = None  # during the second pass: id(tensor) -> its value at w
 
@@ -146,10 +199,15 @@ class SAMMixin:
         self,
         *args: Any,
         sam: bool = False,
-        sam_rho: float = 0.05,
+        sam_rho: float | Callable[[int], float] = 0.05,
         sam_adaptive: bool = False,
         sam_eta: float = 0.01,
         sam_sync_first: bool = False,
+        sam_every_n_steps: int = 1,
+        sam_params: str | Sequence[str] | Callable[[str, Tensor], bool] | None = None,
+        sam_log: bool = False,
+        sam_reuse: bool = False,
+        sam_reuse_alpha: float = 0.7,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
@@ -158,6 +216,11 @@ class SAMMixin:
         self.sam_adaptive = sam_adaptive
         self.sam_eta = sam_eta
         self.sam_sync_first = sam_sync_first
+        self.sam_every_n_steps = sam_every_n_steps
+        self.sam_params = sam_params
+        self.sam_log = sam_log
+        self.sam_reuse = sam_reuse
+        self.sam_reuse_alpha = sam_reuse_alpha
 
     # ------------------------------------------------------------------------------------------ settings
     @property
@@ -170,13 +233,13 @@ class SAMMixin:
         self._sam = _check_bool("sam", value)
 
     @property
-    def sam_rho(self) -> float:
-        """The radius ``ρ``."""
+    def sam_rho(self) -> float | Callable[[int], float]:
+        """The radius ``ρ``: a number, or a schedule ``rho(global_step) -> float`` called at each SAM step."""
         return self._sam_rho
 
     @sam_rho.setter
-    def sam_rho(self, value: float) -> None:
-        self._sam_rho = _check_number("sam_rho", value, positive=True)
+    def sam_rho(self, value: float | Callable[[int], float]) -> None:
+        self._sam_rho = check_rho(value)
 
     @property
     def sam_adaptive(self) -> bool:
@@ -206,6 +269,58 @@ class SAMMixin:
         self._sam_sync_first = _check_bool("sam_sync_first", value)
 
     @property
+    def sam_every_n_steps(self) -> int:
+        """SAM on the k-th, 2k-th, … optimizer step (``global_step + 1`` divisible by k); plain steps between."""
+        return self._sam_every_n_steps
+
+    @sam_every_n_steps.setter
+    def sam_every_n_steps(self, value: int) -> None:
+        self._sam_every_n_steps = check_every_n_steps(value)
+
+    @property
+    def sam_params(self) -> str | Sequence[str] | Callable[[str, Tensor], bool] | None:
+        """Which parameters are perturbed: ``None`` (all), ``"norm"``, names/globs (a tuple) or a predicate."""
+        return self._sam_selection.spec
+
+    @sam_params.setter
+    def sam_params(self, value: str | Sequence[str] | Callable[[str, Tensor], bool] | None) -> None:
+        self._sam_selection = ParamSelection(value)
+
+    @property
+    def sam_log(self) -> bool:
+        """Log ``sam/sharpness``, ``sam/grad_norm`` and ``sam/rho`` on SAM steps."""
+        return self._sam_log
+
+    @sam_log.setter
+    def sam_log(self, value: bool) -> None:
+        self._sam_log = _check_bool("sam_log", value)
+
+    @property
+    def sam_reuse(self) -> bool:
+        """LookSAM: plain steps between SAM steps reuse the last SAM gradient's orthogonal component."""
+        return self._sam_reuse
+
+    @sam_reuse.setter
+    def sam_reuse(self, value: bool) -> None:
+        self._sam_reuse = _check_bool("sam_reuse", value)
+        if not value:
+            self._sam_reuse_state = None
+
+    @property
+    def sam_reuse_alpha(self) -> float:
+        """LookSAM's ``α``."""
+        return self._sam_reuse_alpha
+
+    @sam_reuse_alpha.setter
+    def sam_reuse_alpha(self, value: float) -> None:
+        self._sam_reuse_alpha = _check_number("sam_reuse_alpha", value, positive=False)
+
+    @property
+    def _sam_reusing(self) -> bool:
+        """LookSAM is on and there are plain steps to reuse ``g_v`` on."""
+        return self._sam_reuse and self._sam_every_n_steps > 1
+
+    @property
     def sam_perturbed(self) -> bool:
         """``True`` while the second forward-backward runs at ``w + ε`` (for hooks that must tell)."""
         return self._sam_perturbed
@@ -215,6 +330,11 @@ class SAMMixin:
         """Checks the Trainer's configuration when ``sam`` is on (then calls ``super().setup``)."""
         if stage == "fit" and self.sam:
             self._sam_check(self.trainer)
+            selection = self._sam_selection
+            if not selection.all and next(iter(self.parameters()), None) is not None:  # else at the first SAM step
+                selection.resolve(self)  # a ValueError if it selects nothing
+                if selection.unmatched:
+                    rank_zero_warn(f"`sam_params`: the patterns {selection.unmatched} match no parameter.")
             plugin = self.trainer.precision_plugin
             stepping = type(plugin).optimizer_step.__qualname__
             if stepping not in ("Precision.optimizer_step", "MixedPrecision.optimizer_step"):
@@ -240,13 +360,39 @@ class SAMMixin:
             )
         strategy = trainer.strategy
         names = {cls.__name__ for cls in type(strategy).__mro__}
-        if names & set(_UNSUPPORTED_STRATEGIES) or not names & {"SingleDeviceStrategy", "DDPStrategy"}:
+        supported = {"SingleDeviceStrategy", "DDPStrategy", "ModelParallelStrategy"}
+        if names & set(UNSUPPORTED_STRATEGIES) or not names & supported:
             raise ValueError(
-                f"SAMMixin supports single-device and DDP strategies, got {type(strategy).__name__}; "
-                f"unsupported: {', '.join(_UNSUPPORTED_STRATEGIES)}."
+                f"SAMMixin supports single-device, DDP and ModelParallelStrategy (FSDP2) strategies, got "
+                f"{type(strategy).__name__}; unsupported: {', '.join(UNSUPPORTED_STRATEGIES)}."
             )
+        try:
+            check_strategy("SAMMixin", strategy)  # tensor parallelism
+        except RuntimeError as err:
+            raise ValueError(str(err)) from None
         if len(trainer.optimizers) > 1:
             raise ValueError(f"SAMMixin supports one optimizer, got {len(trainer.optimizers)}.")
+        if self.sam_reuse and "ModelParallelStrategy" in names:
+            raise ValueError("`sam_reuse=True` is not supported under ModelParallelStrategy (FSDP2): turn it off.")
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Lightning's hook: adds LookSAM's ``g_v`` (with ``sam_reuse``), so that a resume between SAM steps is exact.
+        A class that overrides it must call ``super().on_save_checkpoint(checkpoint)``."""
+        state = self._sam_reuse_state
+        if state is not None and state.ready:
+            names = {id(p): n for n, p in self.named_parameters()}
+            checkpoint["SAMMixin"] = {"reuse": state.state_dict(names)}
+        super().on_save_checkpoint(checkpoint)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Lightning's hook: restores LookSAM's ``g_v`` (a checkpoint without it clears it)."""
+        saved = checkpoint.get("SAMMixin", {}).get("reuse")
+        self._sam_reuse_state = None
+        if saved:
+            state = Reuse()
+            state.load_state_dict(saved, dict(self.named_parameters()))
+            self._sam_reuse_state = state
+        super().on_load_checkpoint(checkpoint)
 
     def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
         """``nn.Module.state_dict``; during the second pass it holds the weights and buffers at ``w``, not ``w + ε``
@@ -269,53 +415,143 @@ class SAMMixin:
         optimizer: Any,
         optimizer_closure: Callable[[], Any] | None = None,
     ) -> None:
-        """Lightning's hook; with ``sam`` on, the closure the optimizer calls is the SAM double pass."""
+        """Lightning's hook; with ``sam`` on, the closure the optimizer calls is the SAM double pass on SAM steps
+        (and on the others, with ``sam_reuse``, the plain pass plus LookSAM's reused component)."""
+        sam_step = False
         if self.sam and optimizer_closure is not None:
             self._sam_check(self.trainer)
-            optimizer_closure = partial(self._sam_closure, optimizer, optimizer_closure)
+            if is_sam_step(self.trainer.global_step, self.sam_every_n_steps):
+                sam_step = True
+                optimizer_closure = partial(self._sam_closure, optimizer, optimizer_closure)
+            elif self.sam_reuse and self._sam_reuse_state is not None and self._sam_reuse_state.ready:
+                optimizer_closure = partial(self._sam_reuse_closure, optimizer, optimizer_closure)
+        if self._sam_logged and not sam_step:
+            self._sam_unlog()
         super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+
+    def _sam_reuse_closure(self, optimizer: Any, closure: Callable[[], Any]) -> Any:
+        loss = closure()
+        if loss is not None:
+            self._sam_reuse_state.apply(_params_with_grad(optimizer), self.sam_reuse_alpha)
+        return loss
 
     def _sam_closure(self, optimizer: Any, closure: Callable[[], Any]) -> Any:
         trainer = self.trainer
         strategy = trainer.strategy
         per_rank = not self.sam_sync_first and trainer.world_size > 1 and _is_a(strategy, "ParallelStrategy")
+        rho = rho_at(self._sam_rho, trainer.global_step)
+        # a subset perturbed: the first pass needs the gradient of that subset only (every parameter steps with the
+        # second pass's), so the others stop requiring grad for it and backward skips their weight gradients
+        first_pass_only = self._sam_first_pass_params(optimizer, local=trainer.world_size == 1 or per_rank)
         # first pass at w: Lightning's closure (training_step, zero_grad, backward, hooks, logging)
-        with strategy.block_backward_sync() if per_rank else contextlib.nullcontext():
-            loss = closure()
+        try:
+            for p in first_pass_only:
+                p.requires_grad_(False)
+            with strategy.block_backward_sync() if per_rank else contextlib.nullcontext():
+                loss = closure()
+        finally:
+            for p in first_pass_only:
+                p.requires_grad_(True)
         if loss is None:  # training_step returned None: no gradient, nothing to perturb
             return loss
         params = _params_with_grad(optimizer)
         if not params:
             return loss
+        chosen = self._sam_selection.select(self, params)  # the perturbed ones (``params`` itself for all)
+        if not chosen:
+            return loss
         scaler = getattr(trainer.precision_plugin, "scaler", None)
         bad = None
+        # FSDP2: parameters and gradients are DTensor shards; ε is formed and applied on the local shards, with
+        # ‖g‖ reduced over the processes (a parameter that is not sharded counts once)
+        sharded = [_is_a(p, "DTensor") for p in chosen]
+        reduce_squares = _shard_reducer(chosen, sharded) if any(sharded) else None
         with torch.no_grad():
-            grads = [p.grad for p in params]
+            targets = [_local(p) for p in chosen] if any(sharded) else chosen
+            everything = [_local(p.grad) for p in params] if any(sharded) else [p.grad for p in params]
             if scaler is not None:  # 16-mixed: unscale (these gradients are discarded) and note non-finite ones
                 scale = getattr(scaler, "_scale", None)
                 if not isinstance(scale, Tensor):
                     scale = torch.tensor(scaler.get_scale())
-                torch._foreach_mul_(grads, scale.double().reciprocal().float().to(grads[0].device))
-                bad = torch.stack([n.float() for n in torch._foreach_norm(grads)]).sum().isfinite().logical_not()
+                torch._foreach_mul_(everything, scale.double().reciprocal().float().to(everything[0].device))
+                bad = torch.stack([n.float() for n in torch._foreach_norm(everything)]).sum().isfinite().logical_not()
                 if per_rank:  # every rank must skip the step together
                     bad = strategy.reduce(bad.float(), reduce_op="sum") > 0
-            weights = params if self.sam_adaptive else None
-            eps = ascent_step(grads, weights, self.sam_rho, adaptive=self.sam_adaptive, eta=self.sam_eta)
-            saved = _copies([p.detach() for p in params])
-            torch._foreach_add_(params, eps)
-            del eps, grads
+            grads = everything if chosen is params else [_local(p.grad) for p in chosen]
+            first = _copies(everything) if self._sam_reusing else None  # LookSAM needs g after the second pass
+            weights = targets if self.sam_adaptive else None
+            norm = None
+            if self.sam_log:  # the norm ε is scaled by, for the log (no host sync)
+                kw = dict(adaptive=self.sam_adaptive, eta=self.sam_eta, reduce_squares=reduce_squares)
+                norm = ascent_norm(grads, weights, **kw)
+            eps = ascent_step(
+                grads,
+                weights,
+                rho,
+                adaptive=self.sam_adaptive,
+                eta=self.sam_eta,
+                reduce_squares=reduce_squares,
+            )
+            saved = _copies([p.detach() for p in targets])
+            if any(sharded):  # a module FSDP2 left unsharded would not see w + ε in the shards
+                reshard(self)
+            torch._foreach_add_(targets, eps)
+            del eps, grads, everything
+        # what state_dict() shows during the second pass (not for shards: it holds DTensors, the copies are local)
+        originals = {} if any(sharded) else {id(p): w for p, w in zip(chosen, saved, strict=True)}
         try:  # second pass at w + ε: gradient all-reduced under DDP, no logging, buffers kept
-            with self._sam_second_pass({id(p): w for p, w in zip(params, saved, strict=True)}):
+            with self._sam_second_pass(originals):
                 if _is_a(closure, "AbstractClosure"):
-                    closure.closure()  # keeps the first pass's result as the step's output
+                    perturbed_loss = closure.closure().loss  # keeps the first pass's result as the step's output
                 else:
-                    closure()
+                    perturbed_loss = closure()
         finally:
+            if any(sharded):
+                reshard(self)
             with torch.no_grad():
-                torch._foreach_copy_(params, saved)
+                torch._foreach_copy_(targets, saved)
+        if first is not None:
+            mean = partial(strategy.reduce, reduce_op="mean") if per_rank else None  # g differs by rank
+            self._sam_reuse_state = self._sam_reuse_state or Reuse()
+            with torch.no_grad():
+                self._sam_reuse_state.remember(params, first, mean=mean)
         if bad is not None:  # make GradScaler see the first pass's overflow: it skips the step
             _poison(params, bad)
+        if norm is not None:  # outside the second pass: ``self.log`` is the user's again
+            self._sam_log_step(loss, perturbed_loss, norm, rho)
         return loss
+
+    def _sam_first_pass_params(self, optimizer: Any, *, local: bool) -> list[Tensor]:
+        """The parameters that need no gradient in the first pass: those not perturbed, where the first pass's
+        gradient stays on this process (single device, DDP's per-rank first pass; not FSDP2, whose hooks reduce
+        every gradient) and LookSAM does not need it."""
+        fsdp2 = _is_a(self.trainer.strategy, "ModelParallelStrategy")
+        if self._sam_selection.all or self._sam_reusing or not local or fsdp2:
+            return []
+        candidates = [p for p in _optimizer_params(optimizer) if p.requires_grad]
+        perturbed = {id(p) for p in self._sam_selection.select(self, candidates)}
+        return [p for p in candidates if id(p) not in perturbed] if perturbed else []
+
+    def _sam_log_step(self, loss: Tensor, perturbed_loss: Tensor | None, norm: Tensor, rho: float) -> None:
+        fx = getattr(self, "_current_fx_name", None)
+        if fx is None or getattr(self, "_trainer", None) is None:  # not called by a Trainer: nothing to log to
+            return
+        values = {"sam/grad_norm": norm, "sam/rho": torch.full((), rho, device=norm.device)}
+        if isinstance(loss, Tensor) and isinstance(perturbed_loss, Tensor):
+            values["sam/sharpness"] = perturbed_loss.detach() - loss.detach()
+        for name, value in values.items():
+            self.log(name, value, on_step=True, on_epoch=False)
+        self._sam_logged = tuple(f"{fx}.{name}" for name in values)
+
+    def _sam_unlog(self) -> None:
+        """Takes this mixin's ``sam/`` values out of Lightning's result collection, so that a step without SAM
+        reports none (Lightning otherwise re-sends a step's last logged value at every later step of the epoch)."""
+        keys, self._sam_logged = self._sam_logged, ()
+        results = getattr(getattr(self, "_trainer", None), "_results", None)
+        for key in keys:
+            metric = results.get(key) if isinstance(results, dict) else None
+            if metric is not None and hasattr(metric, "has_reset"):
+                metric.reset()
 
     @contextlib.contextmanager
     def _sam_second_pass(self, originals: dict[int, Tensor]) -> Iterator[None]:
@@ -346,12 +582,45 @@ def _is_a(obj: object, class_name: str) -> bool:
     return any(cls.__name__ == class_name for cls in type(obj).__mro__)
 
 
+def _local(t: Tensor) -> Tensor:
+    """A DTensor's local shard (a view: writing it writes the parameter), or the tensor itself."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def _shard_reducer(params: list[Tensor], sharded: list[bool]) -> Callable[[Tensor], Tensor]:
+    """``reduce_squares`` for :func:`ascent_step`: per-tensor squared norms of local shards → the global sum,
+    all-reduced over the shards' process group (tensors held whole by every process counted once)."""
+    mesh = next(p.device_mesh for p, s in zip(params, sharded, strict=True) if s)
+    group = mesh.get_group()
+    mask = torch.tensor(sharded)
+
+    def reduce(squares: Tensor) -> Tensor:
+        local = torch.stack([squares[mask.to(squares.device)].sum(), squares[~mask.to(squares.device)].sum()])
+        shard_sum = local[:1].clone()
+        torch.distributed.all_reduce(shard_sum, group=group)
+        return shard_sum[0] + local[1]
+
+    return reduce
+
+
 def _copies(tensors: list[Tensor]) -> list[Tensor]:
     """Copies of ``tensors`` by one fused copy (per device and dtype) rather than one clone, one kernel, each."""
     copies = [torch.empty_like(t) for t in tensors]
     if copies:
         torch._foreach_copy_(copies, tensors)
     return copies
+
+
+def _optimizer_params(optimizer: Any) -> list[Tensor]:
+    """Every parameter the optimizer holds, each once, in the optimizer's order."""
+    seen: set[int] = set()
+    params = []
+    for group in getattr(optimizer, "optimizer", optimizer).param_groups:
+        for p in group["params"]:
+            if id(p) not in seen:
+                seen.add(id(p))
+                params.append(p)
+    return params
 
 
 def _params_with_grad(optimizer: Any) -> list[Tensor]:

@@ -149,6 +149,28 @@ def test_unsupported_strategy_refused_at_setup(tmp_path):
         t.fit(DigitsModule(), train)
 
 
+@pytest.mark.parametrize(
+    ("name", "reason"),
+    [("FSDPStrategy", "FSDP1 flattens"), ("DeepSpeedStrategy", "DeepSpeed partitions"), ("XLAStrategy", "XLA")],
+)
+def test_strategies_that_cannot_be_measured_say_why(name, reason):
+    from lightning_landscape._lightning import check_strategy
+
+    fake = type(name, (), {})()
+    with pytest.raises(RuntimeError, match=f"HessianCallback does not support {name}: {reason}"):
+        check_strategy("HessianCallback", fake)
+
+
+def test_tensor_parallel_is_refused_and_fsdp2_accepted():
+    from pytorch_lightning.strategies import ModelParallelStrategy
+
+    from lightning_landscape._lightning import check_strategy
+
+    with pytest.raises(RuntimeError, match=r"tensor_parallel_size=2\. Use ModelParallelStrategy\(data_parallel_size=N"):
+        check_strategy("SharpnessCallback", ModelParallelStrategy(data_parallel_size=1, tensor_parallel_size=2))
+    check_strategy("SharpnessCallback", ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1))
+
+
 def test_a_bare_tuple_spec_is_one_measure():
     # ("worst_case", "l2") is one (kind, norm) spec, not two specs named "worst_case" and "l2"
     assert SharpnessCallback(kinds=("worst_case", "l2")).tags == ["worst_case_l2"]

@@ -299,6 +299,35 @@ def test_block_lanczos_deflates_and_keeps_its_relations():
     _block_run_checks(h, run)
 
 
+@pytest.mark.parametrize("rank", [40, 3, 1])
+def test_single_vector_lanczos_is_the_block_steps_to_rounding(rank):
+    # block_lanczos with one start vector takes its scalar path: the same tridiagonal, basis, residual, fresh
+    # directions (rank 3 and 1: invariant subspaces, then random directions from the same generator) and stop
+    from lightning_landscape.functional._lanczos import _block_steps, block_lanczos
+    from lightning_landscape.functional._space import EUCLIDEAN
+
+    g = torch.Generator().manual_seed(rank)
+    a = torch.randn(40, rank, generator=g, dtype=torch.float64)
+    h = a @ a.T
+    start = torch.randn(1, 40, generator=g, dtype=torch.float64)
+    stops = []
+
+    def stop(t, residual):  # stop once the top Ritz value settles: exercises the stop rule's arguments
+        stops.append((t.clone(), residual.clone()))
+        return len(stops) >= 3 and residual.shape[0] > 0 and float(residual.norm()) < 1e-8
+
+    one = block_lanczos(lambda v: v @ h, start, 12, stop=stop, generator=torch.Generator().manual_seed(99))
+    seen, stops[:] = list(stops), []
+    ref = _block_steps(lambda v: v @ h, start, 12, stop, torch.Generator().manual_seed(99), 100.0, EUCLIDEAN)
+    assert (one.num_matvecs, one.num_fresh) == (ref.num_matvecs, ref.num_fresh)
+    torch.testing.assert_close(one.tridiagonal, ref.tridiagonal, atol=1e-12, rtol=0)
+    torch.testing.assert_close(one.basis, ref.basis, atol=1e-12, rtol=0)
+    torch.testing.assert_close(one.residual, ref.residual, atol=1e-12, rtol=0)
+    for (t1, r1), (t2, r2) in zip(seen, stops, strict=True):
+        torch.testing.assert_close(t1, t2, atol=1e-12, rtol=0)
+        torch.testing.assert_close(r1, r2, atol=1e-12, rtol=0)
+
+
 @pytest.mark.parametrize("k", [2, 3])
 def test_converged_means_correct_on_a_near_degenerate_pair(trained_spectrum, k):
     # the trained MLP's λ2, λ3 are close: single-start Lanczos once stopped on [λ1, λ3] (11% off) saying converged

@@ -8,6 +8,7 @@ out-of-memory message.
 from __future__ import annotations
 
 import copy
+import importlib
 import warnings
 
 import pytest
@@ -201,3 +202,202 @@ def test_out_of_memory_keeps_the_message_and_gradients_split_the_batch():
         LF.sharpness(model, always, batches, steps=2)
     with pytest.raises(LF.MeasurementError, match=r"Tried to allocate 2\.00 GiB"):
         LF.hessian_eigenvalues(model, always, batches)
+
+
+# ---------------------------------------------------------------------------------------------- issue 14: fixed costs
+def _count_calls(monkeypatch, owner, name: str) -> list[int]:
+    """Wrap ``owner.name`` so that each call is counted (the list's length)."""
+    original = getattr(owner, name)
+    calls: list[int] = []
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, counting)
+    return calls
+
+
+def test_the_checks_run_once_per_operator(monkeypatch):
+    # the substitution check (a walk of the first graph) and the exact-product check run once per operator, however
+    # many gradients, losses and products it then computes; validate=False (the callbacks after their first
+    # measurement) skips the product check, never the substitution check
+    hvp_module = importlib.import_module("lightning_landscape.functional.hvp")  # (the package exports a function hvp)
+    model, batches = digits_mlp(), _batches(n=64, dtype=torch.float32)
+    walks = _count_calls(monkeypatch, hvp_module, "leaked_parameters")
+    checks = _count_calls(monkeypatch, hvp_module.LossOperator, "_check_product")
+    with LF.LossOperator(model, cross_entropy, batches) as op:
+        for _ in range(3):
+            op.gradient()
+            op.loss()
+            op.gradient(torch.full((op.size,), 1e-3))
+        v = torch.randn(3, op.size, generator=torch.Generator().manual_seed(0))
+        for _ in range(3):
+            op.hvp(v)
+        assert op.product_check.startswith("passed"), op.product_check
+    assert (len(walks), len(checks)) == (1, 1)
+    r = LF.hessian_eigenvalues(model, cross_entropy, batches, k=2, generator=torch.Generator().manual_seed(0))
+    assert r.converged and (len(walks), len(checks)) == (2, 2)
+    with LF.LossOperator(model, cross_entropy, batches, auto_method=r.hvp_method, validate=False) as op:
+        LF.top_eigenvalues(op, 2, generator=torch.Generator().manual_seed(0))
+        assert op.product_check == ""
+    assert (len(walks), len(checks)) == (3, 2)
+
+
+def test_the_first_products_are_reused_not_recomputed():
+    # with one probe batch, the product `auto` computes to choose its method and the one the check computes on the
+    # caller's first vector are that vector's answer: the first call costs no extra product for them, and gives
+    # what a later call gives
+    model, batches = digits_mlp(), _batches(n=64, dtype=torch.float32)
+    v = torch.randn(2, LF.ParamSpec(model).numel, generator=torch.Generator().manual_seed(1))
+    for kwargs in ({}, {"hvp_method": "double_backward"}):
+        with LF.LossOperator(model, cross_entropy, batches, **kwargs) as op:
+            first = op.hvp(v)
+            assert op.probe_hvps == 0 and op.check_hvps == 2, (op.probe_hvps, op.check_hvps)  # H u, one gradient
+            torch.testing.assert_close(op.hvp(v), first, rtol=1e-5, atol=1e-7)
+    # two probe batches: the choosing product covers the first only, so it is spent (and counted)
+    with LF.LossOperator(model, cross_entropy, [(b[:32], c[:32]) for b, c in batches] * 2) as op:
+        op.hvp(v)
+        assert op.probe_hvps == 1 and op.check_hvps == 3
+    r = LF.hessian_eigenvalues(model, cross_entropy, batches, generator=torch.Generator().manual_seed(0))
+    dense = LF.DenseOperator(dense_hessian(model, cross_entropy, batches).float())
+    cold = LF.top_eigenvalues(dense, generator=torch.Generator().manual_seed(0))
+    assert r.num_hvps == cold.num_hvps  # the Lanczos products alone: nothing spent choosing
+
+
+def test_a_caller_vector_that_misses_parameters_is_not_a_check_vector():
+    # e_1 touches one parameter: the symmetry test then uses two random vectors, as a vector with zeros could hide
+    # an asymmetry elsewhere; the weight-norm model's wrong double backward is caught either way
+    model, batches = _weight_norm_mlp(), _batches(features=16)
+    n = sum(p.numel() for p in model.parameters())
+    for first in (torch.eye(n, dtype=torch.float64)[:2], torch.randn(2, n, dtype=torch.float64)):
+        with LF.LossOperator(model, cross_entropy, batches) as op:
+            op.hvp(first)
+            assert op.method == "finite_difference" and "failed the check" in op.product_check
+            assert op.check_hvps == (4 if first[0, 1] == 0 else 3), op.check_hvps
+
+
+def _oom_above(op: LF.LossOperator, monkeypatch, samples: int | None, sizes: list[int]) -> None:
+    """Make the operator's double-backward products run out of memory on pieces of more than ``samples`` samples
+    (``None``: always), as a GPU would; gradients and finite differences still fit."""
+    real = op._hvp_double_backward
+
+    def limited(vectors, batch, *args, **kwargs):
+        sizes.append(len(batch[0]))
+        if samples is None or len(batch[0]) > samples:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.00 GiB (simulated)")
+        return real(vectors, batch, *args, **kwargs)
+
+    monkeypatch.setattr(op, "_hvp_double_backward", limited)
+
+
+def test_auto_switches_to_finite_differences_when_one_vector_does_not_fit(monkeypatch):
+    # double backward out of memory even one vector at a time: the probe batches are split while the pieces keep
+    # FD_MIN_PIECE samples, then `auto` takes finite differences (two gradients, no graph kept) and says so
+    model, batches = digits_mlp().double(), _batches(n=64, dtype=torch.float64)
+    v = torch.randn(3, LF.ParamSpec(model).numel, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    reference = LF.hvp(model, cross_entropy, batches, v, hvp_method="finite_difference")
+    sizes: list[int] = []
+    with LF.LossOperator(model, cross_entropy, batches) as op:
+        _oom_above(op, monkeypatch, None, sizes)
+        got = op.hvp(v)
+        assert op.method == "finite_difference" and op.memory_fallback
+        assert min(sizes) >= importlib.import_module("lightning_landscape.functional.hvp").FD_MIN_PIECE
+        assert op._pieces == 64 // min(sizes)
+        torch.testing.assert_close(got, reference, rtol=1e-6, atol=1e-9)
+    # an explicit double backward never changes method: it splits down to single samples, then says what ran out
+    with LF.LossOperator(model, cross_entropy, batches, hvp_method="double_backward", validate=False) as op:
+        _oom_above(op, monkeypatch, None, sizes)
+        with pytest.raises(LF.MeasurementError, match=r"one vector at a time.*Tried to allocate 9\.00 GiB"):
+            op.hvp(v)
+        assert not op.memory_fallback and op._pieces == 64
+
+
+def test_double_backward_splits_the_batches_while_the_pieces_are_large(monkeypatch):
+    # pieces of 16 samples fit: the products stay exact (double backward), on quarters of the batch
+    model, batches = digits_mlp().double(), _batches(n=64, dtype=torch.float64)
+    v = torch.randn(3, LF.ParamSpec(model).numel, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    reference = LF.hvp(model, cross_entropy, batches, v, hvp_method="double_backward")
+    sizes: list[int] = []
+    with LF.LossOperator(model, cross_entropy, batches) as op:
+        _oom_above(op, monkeypatch, 16, sizes)
+        got = op.hvp(v)
+        assert op.method == "double_backward" and not op.memory_fallback and op._pieces == 4
+        assert op.product_check.startswith("passed"), op.product_check
+    torch.testing.assert_close(got, reference, rtol=1e-10, atol=1e-12)
+
+
+class _Tied(nn.Module):
+    """Two layers sharing one weight (``dec.weight is enc.weight``, two names of one parameter) and a buffer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.enc = nn.Linear(16, 16)
+        self.dec = nn.Linear(16, 16, bias=False)
+        self.dec.weight = self.enc.weight
+        self.register_buffer("scale", torch.tensor(0.5))
+
+    def forward(self, x):
+        return self.dec(torch.tanh(self.enc(x))) * self.scale
+
+
+def test_substitution_covers_tied_weights_and_restores_the_module_after_an_error():
+    model = _Tied()
+    x = torch.randn(32, 16, generator=torch.Generator().manual_seed(0))
+
+    def loss_fn(m, b):
+        return (m(b) - b).pow(2).mean()
+
+    params = list(model.parameters())
+    expected = torch.autograd.grad(loss_fn(model, x), params)
+    with LF.LossOperator(model, loss_fn, [x], eval_mode=False) as op:  # train mode: the buffer substituted too
+        loss, grad = op.gradient()
+        delta = torch.randn(op.size, generator=torch.Generator().manual_seed(1)) * 1e-2
+        shifted = op.loss(delta)
+    torch.testing.assert_close(grad, torch.cat([g.reshape(-1) for g in expected]))
+    torch.testing.assert_close(loss, loss_fn(model, x).detach())
+    with torch.no_grad():
+        moved = copy.deepcopy(model)
+        for p, d in zip(moved.parameters(), op.spec.split(delta), strict=True):
+            p.add_(d)
+        torch.testing.assert_close(shifted, loss_fn(moved, x))
+
+    def failing(m, b):
+        m.enc(b)
+        raise KeyError("boom")
+
+    before = {n: t for n, t in model.named_parameters()} | {n: t for n, t in model.named_buffers()}
+    with LF.LossOperator(model, failing, [x], eval_mode=False) as op, pytest.raises(KeyError):
+        op.gradient()
+    after = {n: t for n, t in model.named_parameters()} | {n: t for n, t in model.named_buffers()}
+    assert before.keys() == after.keys() and all(after[n] is t for n, t in before.items())
+
+
+def test_a_submodule_reached_under_two_names_keeps_its_own_parameters():
+    # torch.func.functional_call leaves the substituted tensor in a module registered under two names (its swaps
+    # are undone in the order they were made); the operator undoes them last in, first out
+    class Twice(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.a = nn.Linear(4, 4)
+            self.b = self.a
+
+        def forward(self, x):
+            return self.b(torch.tanh(self.a(x)))
+
+    model = Twice()
+    weight, bias = model.a.weight, model.a.bias
+    x = torch.randn(8, 4, generator=torch.Generator().manual_seed(0))
+
+    def loss_fn(m, b):
+        return m(b).pow(2).mean()
+
+    with LF.LossOperator(model, loss_fn, [x]) as op:
+        _, grad = op.gradient()
+        op.hvp(torch.randn(2, op.size, generator=torch.Generator().manual_seed(1)))
+        op.loss(torch.full((op.size,), 1e-3))
+    assert model.a.weight is weight and model.b.weight is weight and model.a.bias is bias
+    expected = torch.autograd.grad(loss_fn(model, x), [weight, bias])
+    torch.testing.assert_close(grad, torch.cat([g.reshape(-1) for g in expected]))

@@ -466,6 +466,12 @@ def test_unsupported_strategies_are_refused():
     fake = types.SimpleNamespace(strategy=FSDPStrategy(), accumulate_grad_batches=1, optimizers=[])
     with pytest.raises(ValueError, match="FSDPStrategy"):
         module._sam_check(fake)
+    from pytorch_lightning.strategies import ModelParallelStrategy
+
+    tensor_parallel = ModelParallelStrategy(data_parallel_size=1, tensor_parallel_size=2)
+    fake = types.SimpleNamespace(strategy=tensor_parallel, accumulate_grad_batches=1, optimizers=[])
+    with pytest.raises(ValueError, match="tensor_parallel_size=2"):
+        module._sam_check(fake)
 
 
 def test_overriding_optimizer_step_warns(tmp_path):

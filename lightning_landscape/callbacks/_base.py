@@ -21,6 +21,7 @@ from lightning_landscape._lightning import (
     LightningModule,
     Trainer,
     callback_bases,
+    check_strategy,
     concrete_class,
     public_class,
     rebuild,
@@ -32,6 +33,7 @@ from lightning_landscape.callbacks._probe import copy_batch, safe_to_draw, take_
 from lightning_landscape.callbacks._progress import progress_note
 from lightning_landscape.functional import HVP_METHODS, LossOperator, MeasurementError
 from lightning_landscape.functional._batches import apply_to_tensors, batch_size, clone_if_inference
+from lightning_landscape.functional._sharded import ShardedLossOperator, is_sharded
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -40,11 +42,8 @@ LossFn = Callable[[torch.nn.Module, Any], Tensor]
 #: Rough seconds to draw and log one figure, for the cost estimate before a callback's first measurement.
 FIGURE_SECONDS = 0.2
 #: The default probe size in samples: large enough that repeated measurements on the same weights agree to a few
-#: percent (λ1 within 3–6%, trace 6–10% on the quickstart's CNN; see ``num_samples``).
+#: percent (λ1 within 5–9%, trace 5–8% on the quickstart's CNN; see ``num_samples``).
 DEFAULT_PROBE_SAMPLES = 256
-_UNSUPPORTED_STRATEGIES = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy", "XLAStrategy")
-
-
 def check_positive_int(name: str, value: object, allow_none: bool = False) -> None:
     """Raise a ``ValueError`` naming ``name`` unless ``value`` is an int >= 1 (or ``None`` if allowed)."""
     if value is None and allow_none:
@@ -88,7 +87,7 @@ class MeasurementCallback(*callback_bases()):
         num_samples: the probe's size in samples: the first batches of the train loader until they hold at least
             this many, taken once and re-used at every measurement. Default ``DEFAULT_PROBE_SAMPLES`` (256): on
             the quickstart's CNN with noisy labels, λ1 on disjoint 256-sample probes of the same weights varies by
-            3–6% (coefficient of variation), the trace by 6–10% (``benchmarks/probe_size.py --label-noise 0.2``).
+            5–9% (coefficient of variation), the trace by 5–8% (``benchmarks/probe_size.py --label-noise 0.2``).
         num_batches: the probe's size in batches instead (give one of the two).
         loss_fn: ``loss_fn(module, batch) -> scalar``; default the module's ``training_step``.
         hvp_method: Hessian-vector product method (see ``functional.HVP_METHODS``).
@@ -239,12 +238,7 @@ class MeasurementCallback(*callback_bases()):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        strategy = type(trainer.strategy).__name__
-        if strategy in _UNSUPPORTED_STRATEGIES:
-            raise RuntimeError(
-                f"{type(self).__name__} does not support {strategy}: parameters are sharded, so Hessian and "
-                "landscape measurements would be wrong or hang. Use strategy='ddp' or a single device."
-            )
+        check_strategy(type(self).__name__, trainer.strategy)
         if self.loss_fn is None and not pl_module.automatic_optimization:
             raise ValueError(
                 f"{type(self).__name__}: the module uses manual optimization, so its `training_step` steps the "
@@ -587,7 +581,12 @@ class MeasurementCallback(*callback_bases()):
         return reduce_sum
 
     def operator(self, trainer: Trainer, pl_module: LightningModule, batches: Sequence[Any]) -> LossOperator:
-        """A loss operator over ``batches`` for the module, reducing across processes under DDP."""
+        """A loss operator over ``batches`` for the module, reducing across processes under DDP; for an FSDP2-sharded
+        module (``ModelParallelStrategy``) the sharded operator (local shards, finite-difference products)."""
+        if is_sharded(pl_module):
+            return ShardedLossOperator(
+                pl_module, self.resolved_loss_fn, batches, hvp_method=self.hvp_method, eval_mode=self.eval_mode
+            )
         return LossOperator(
             pl_module,
             self.resolved_loss_fn,
@@ -614,7 +613,9 @@ class MeasurementCallback(*callback_bases()):
         if op.method != "auto" and op.method != self._resolved_method:
             self._resolved_method = op.method
             message = f"{type(self).__name__}: Hessian-vector products by `{op.method}`."
-            if self.hvp_method == "auto" and op.product_check_failed:
+            if op.space.distributed:
+                message += " (The model is sharded (FSDP2): differences of gradients; FSDP has no double backward.)"
+            elif self.hvp_method == "auto" and op.product_check_failed:
                 message += f" (The exact product failed its check: {op.product_check}.)"
             elif op.method != "double_backward" and self.hvp_method == "auto":
                 message += " (The model has an operation without double backward; fell back.)"

@@ -117,6 +117,7 @@ class HessianCallback(MeasurementCallback):
         self.density_probes = density_probes
         self.density_steps = density_steps
         self.eigenvectors: torch.Tensor | None = None
+        self._local_eigenvectors = False  # a sharded model's local rows (not saved in checkpoints)
 
     def check_model(self, pl_module: LightningModule) -> None:
         super().check_model(pl_module)
@@ -142,7 +143,8 @@ class HessianCallback(MeasurementCallback):
 
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
-        state["eigenvectors"] = None if self.eigenvectors is None else self.eigenvectors.detach().cpu()
+        keep = self.eigenvectors is not None and not self._local_eigenvectors
+        state["eigenvectors"] = self.eigenvectors.detach().cpu() if keep else None
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -182,6 +184,7 @@ class HessianCallback(MeasurementCallback):
             num_hvps += op.probe_hvps
             self.note_method(trainer, op)
         self.eigenvectors = eig.eigenvectors.detach()
+        self._local_eigenvectors = op.space.distributed
         scalars["num_hvps"] = float(num_hvps)
         ratio = _eos_ratio(trainer, scalars["eigenvalue_1"])
         if ratio is not None:

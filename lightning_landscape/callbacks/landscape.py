@@ -10,9 +10,16 @@ from torch import Tensor
 
 from lightning_landscape._lightning import LightningModule, Trainer
 from lightning_landscape.callbacks._base import LossFn, MeasurementCallback, check_bool
-from lightning_landscape.functional._params import ParamSpec
 from lightning_landscape.functional._random import gaussian
-from lightning_landscape.functional.surface import check_grid_args, filter_normalize, loss_line, loss_surface
+from lightning_landscape.functional._sharded import is_sharded
+from lightning_landscape.functional.surface import (
+    _numel,
+    _sharded_layout,
+    check_grid_args,
+    filter_normalize,
+    loss_line,
+    loss_surface,
+)
 from lightning_landscape.plotting import line_figure, surface_figure
 
 if TYPE_CHECKING:
@@ -107,6 +114,7 @@ class LossLandscapeCallback(MeasurementCallback):
         self.validation = validation
         #: the raw (not normalized) directions ``[2, numel]`` on the CPU, drawn at the first frame.
         self.directions: Tensor | None = None
+        self._local_directions = False  # drawn as a sharded model's local rows (not saved in checkpoints)
 
     @property
     def needs_val_probe(self) -> bool:
@@ -124,7 +132,9 @@ class LossLandscapeCallback(MeasurementCallback):
 
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
-        state["directions"] = None if self.directions is None else self.directions.detach().cpu().clone()
+        # a sharded model's directions are this process's rows: not saved (a resume draws new ones)
+        keep = self.directions is not None and not self._local_directions
+        state["directions"] = self.directions.detach().cpu().clone() if keep else None
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -132,8 +142,14 @@ class LossLandscapeCallback(MeasurementCallback):
         directions = state_dict.get("directions")
         self.directions = None if directions is None else directions.detach().cpu().clone()
 
-    def _raw_directions(self, numel: int) -> Tensor:
+    def _raw_directions(self, numel: int, pl_module: LightningModule | None = None) -> Tensor:
         if self.directions is not None and self.directions.shape == (2, numel):
+            return self.directions
+        if pl_module is not None and is_sharded(pl_module):  # this process's rows of the same global draw
+            self.directions = _sharded_layout(pl_module, None)[0].gaussian(
+                2, numel, self.generator, torch.float32, torch.device("cpu")
+            )
+            self._local_directions = True
             return self.directions
         if self.directions is not None:
             self._logger.warn_once(
@@ -145,8 +161,8 @@ class LossLandscapeCallback(MeasurementCallback):
         return self.directions
 
     def measure(self, trainer: Trainer, pl_module: LightningModule) -> tuple[dict[str, float], dict[str, Figure]]:
-        spec = ParamSpec(pl_module)
-        dirs = filter_normalize(pl_module, self._raw_directions(spec.numel), include_1d=self.include_1d)
+        dirs = filter_normalize(pl_module, self._raw_directions(_numel(pl_module, None), pl_module),
+                                include_1d=self.include_1d)  # fmt: skip
         loss_fn = self.resolved_loss_fn
         common = dict(distance=self.distance, eval_mode=self.eval_mode, reduce_fn=self.reduce_fn(trainer))
         surface = loss_surface(pl_module, loss_fn, self._probe, self.steps, directions=dirs, **common)

@@ -5,8 +5,6 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
-import torch
-
 from lightning_landscape._lightning import LightningModule, Trainer
 from lightning_landscape.callbacks._base import LossFn, MeasurementCallback, check_bool
 from lightning_landscape.functional.sharpness import KINDS, NORMS, check_sharpness_args, sharpness_estimate
@@ -208,8 +206,7 @@ class SharpnessCallback(MeasurementCallback):
                     generator=self.generator,
                 )
                 scalars[result.tag] = result.value
-            norms = [torch.linalg.vector_norm(t, dtype=torch.float64) for t in op.spec.tensors()]
-            weight_norm = float(torch.linalg.vector_norm(torch.stack(norms)))
+            weight_norm = float(op.space.norm(op.parameter_vector().double()))
             train_loss = op.loss() if self.generalization else None
         scalars["weight_norm"] = weight_norm
         if self.generalization:

@@ -7,6 +7,8 @@ from typing import Protocol, runtime_checkable
 import torch
 from torch import Tensor
 
+from ._space import EUCLIDEAN, VectorSpace
+
 __all__ = ["DenseOperator", "SymmetricOperator"]
 
 
@@ -14,7 +16,11 @@ __all__ = ["DenseOperator", "SymmetricOperator"]
 class SymmetricOperator(Protocol):
     """What Lanczos, Hutch++ and SLQ need: ``size``, ``dtype``, ``device`` and ``matmat``.
 
-    ``matmat(V)`` maps ``[k, size]`` to ``[k, size]`` (one product per row, batched).
+    ``matmat(V)`` maps ``[k, size]`` to ``[k, size]`` (one product per row, batched). An operator may also have
+    a ``space`` (a :class:`~lightning_landscape.functional._space.VectorSpace`) through which the algorithms take
+    every inner product, norm, orthonormalization and random draw over its vectors; one without it gets
+    ``EUCLIDEAN`` (whole vectors). A sharded operator's ``space`` reduces across processes, and its ``size`` is
+    this process's share.
     :class:`~lightning_landscape.functional.LossOperator` is one (the Hessian of a loss);
     :class:`DenseOperator` wraps an explicit matrix for tests and small problems.
     """
@@ -34,6 +40,8 @@ class DenseOperator:
         >>> op.matmat(torch.tensor([[1.0, 1.0]]))
         tensor([[2., 1.]])
     """
+
+    space: VectorSpace = EUCLIDEAN
 
     def __init__(self, matrix: Tensor) -> None:
         if matrix.dim() != 2 or matrix.shape[0] != matrix.shape[1]:

@@ -41,14 +41,20 @@ class ParamSpec:
         self.dtype = self._model_params[0].dtype
         self.device = self._model_params[0].device
 
+    def parameters(self) -> list[nn.Parameter]:
+        """The module's own parameter objects, in the flat order (never to be written; do not modify the list)."""
+        return self._model_params
+
     def tensors(self) -> list[Tensor]:
         """The current parameter values, detached (views, never copies)."""
         return [p.detach() for p in self._model_params]
 
     def flatten(self, tensors: Sequence[Tensor]) -> Tensor:
         """Concatenate per-parameter tensors (optionally with a leading batch dim) into one vector."""
-        tensors = [t.to_dense() if t.layout != torch.strided else t for t in tensors]  # sparse embedding gradients
+        tensors = [t if t.layout == torch.strided else t.to_dense() for t in tensors]  # sparse embedding gradients
         lead = tensors[0].shape[: tensors[0].dim() - len(self.shapes[0])]
+        if not lead:
+            return torch.cat([t.reshape(-1) for t in tensors])
         return torch.cat([t.reshape(*lead, -1) for t in tensors], dim=-1)
 
     def split(self, flat: Tensor) -> list[Tensor]:

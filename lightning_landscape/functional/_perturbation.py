@@ -8,10 +8,12 @@ first-order expansion ``gᵀε`` over ``‖ε / c‖₂ ≤ ρ``; for ℓ∞ ove
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
+
+from ._space import EUCLIDEAN, VectorSpace
 
 __all__ = ["NORMS", "ascent_step"]
 
@@ -26,11 +28,19 @@ def ascent_step(
     adaptive: bool = False,
     eta: float = 0.01,
     norm: str = "l2",
+    space: VectorSpace = EUCLIDEAN,
+    reduce_squares: Callable[[Tensor], Tensor] | None = None,
 ) -> list[Tensor]:
     """The perturbation ``ε`` for each tensor of ``grads`` (a list, e.g. per parameter or one flat vector).
 
     The ℓ2 norm runs over all tensors together, in the widest of their dtypes and float32 (float64 gradients get
-    a float64 norm). A zero gradient gives ``ε = 0``. No host sync.
+    a float64 norm). A zero gradient gives ``ε = 0``. No host sync. Where the tensors are local shards, the ℓ2 norm
+    is reduced across processes by either of:
+
+    - ``space``: a distributed :class:`~lightning_landscape.functional._space.VectorSpace`; the tensors are the
+      parts, in order, of one local flat vector of that space;
+    - ``reduce_squares``: maps the tensors' squared norms ``[len(grads)]`` to the whole vector's squared norm
+      (0-dim), e.g. per-parameter shards summed over their processes.
 
     Example:
         >>> g = [torch.tensor([3.0, 4.0])]
@@ -39,6 +49,8 @@ def ascent_step(
         >>> w = [torch.tensor([1.0, 0.0])]
         >>> ascent_step(g, w, rho=0.5, adaptive=True, eta=0.0)   # c = |w|: only w[0] moves
         [tensor([0.5000, 0.0000])]
+        >>> ascent_step(g, None, rho=0.5, reduce_squares=lambda sq: 4 * sq.sum())  # e.g. 4 shards alike: ‖g‖ = 10
+        [tensor([0.1500, 0.2000])]
     """
     if norm not in NORMS:
         raise ValueError(f"`norm` must be one of {NORMS}, got {norm!r}.")
@@ -58,8 +70,12 @@ def ascent_step(
     scaled = grads if scales is None else torch._foreach_mul(grads, scales)
     # the global norm in the gradients' precision (at least float32): float64 gradients get a float64 norm
     acc = functools.reduce(torch.promote_types, {t.dtype for t in scaled}, torch.float32)
-    norms = torch._foreach_norm(scaled, 2, dtype=acc)
-    total = torch.linalg.vector_norm(torch.stack(list(norms)))
+    if space.distributed:  # a vector of local shards: the norm is the space's
+        flat = scaled[0] if len(scaled) == 1 else torch.cat([t.reshape(-1) for t in scaled])
+        total = space.norm(flat, dtype=acc)
+    else:
+        norms = torch.stack(list(torch._foreach_norm(scaled, 2, dtype=acc)))
+        total = torch.linalg.vector_norm(norms) if reduce_squares is None else reduce_squares(norms.square()).sqrt()
     factor = torch.where(total > 0, rho / total.clamp_min(torch.finfo(acc).tiny), torch.zeros_like(total))
     out = list(scaled) if scales is None else torch._foreach_mul(scaled, scales)
     return _times_scalar_tensor(out, factor)

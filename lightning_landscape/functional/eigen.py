@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -11,7 +12,8 @@ from torch import Tensor, nn
 
 from ._lanczos import BlockLanczosRun, block_lanczos
 from ._operator import SymmetricOperator
-from ._random import gaussian, make_generator
+from ._random import make_generator
+from ._space import EUCLIDEAN, VectorSpace
 from .hvp import LossFn, LossOperator
 
 __all__ = ["EigenResult", "hessian_eigenvalues", "top_eigenvalues"]
@@ -37,14 +39,19 @@ class EigenResult:
     hvp_method: str = ""
 
 
-def _error_estimates(theta: Tensor, residuals: Tensor) -> Tensor:
-    """Bounds on |λ - θ| for each Ritz value: ``min(r, r² / gap)`` with the Ritz gap."""
-    if theta.numel() == 1:
-        return residuals
-    diff = (theta[:, None] - theta[None, :]).abs()
-    diff.fill_diagonal_(float("inf"))
-    gap = diff.amin(dim=1).clamp_min(1e-300)
-    return torch.minimum(residuals, residuals.pow(2) / gap)
+def _error_bounds(theta: list[float], residuals: list[float], k: int) -> list[float]:
+    """Bounds on |λ - θ| for the ``k`` largest Ritz values (``theta`` ascending, ``residuals`` alike), largest
+    first: ``min(r, r² / gap)`` with the gap to the nearest other Ritz value (at least 1e-300)."""
+    m = len(theta)
+    out = []
+    for i in range(m - 1, max(m - k, 0) - 1, -1):
+        r = residuals[i]
+        if m == 1:
+            out.append(r)
+            continue
+        gap = min(abs(theta[i] - theta[j]) for j in (i - 1, i + 1) if 0 <= j < m)  # sorted: a neighbour's
+        out.append(min(r, r * r / max(gap, 1e-300)))
+    return out
 
 
 # Block size min(k, MAX_BLOCK): a block of b vectors finds up to b copies of a repeated eigenvalue, and b = 3 keeps
@@ -59,20 +66,26 @@ WARM_NOISE = 1.0
 
 
 def _start_block(
-    init: Tensor | None, b: int, n: int, generator: torch.Generator, dtype: torch.dtype, device: torch.device
+    init: Tensor | None,
+    b: int,
+    n: int,
+    generator: torch.Generator,
+    dtype: torch.dtype,
+    device: torch.device,
+    space: VectorSpace = EUCLIDEAN,
 ) -> Tensor:
     """``b`` start rows. Cold: Gaussian. Warm: row ``i`` is the normalized sum of the unit rows ``i, i + b, …`` of
     ``init`` plus ``WARM_NOISE`` times a random unit vector (a row with no usable ``init`` row is random)."""
-    noise = gaussian((b, n), generator, dtype, device)
+    noise = space.gaussian(b, n, generator, dtype, device)
     if init is None:
         return noise
-    noise = noise / noise.norm(dim=1, keepdim=True)
+    noise = noise / space.norms(noise)[:, None]
     rows = init.reshape(-1, n).to(device=device, dtype=dtype)
-    norms = rows.norm(dim=1, keepdim=True)  # not finite iff the row is not
+    norms = space.norms(rows)[:, None]  # not finite iff the row is not
     unit = torch.where(torch.isfinite(norms) & (norms > 0), rows / norms, torch.zeros_like(rows))
     groups = torch.arange(len(rows), device=device) % b
     folded = torch.zeros(b, n, dtype=dtype, device=device).index_add_(0, groups, unit)
-    norms = folded.norm(dim=1, keepdim=True)
+    norms = space.norms(folded)[:, None]
     return torch.where(norms > 0, folded / norms + WARM_NOISE * noise, noise)
 
 
@@ -88,32 +101,44 @@ def _lanczos_top(
     ``suspect`` when it stopped on a converged cluster of ``b`` Ritz values that may hide another copy."""
     b = start.shape[0]
     converged = suspect = False
-    previous = torch.full((k,), float("inf"), dtype=torch.float64)
+    previous = [math.inf] * k
+    decomposition: tuple[Tensor, Tensor] | None = None  # of the last T the rule saw: the run's final one
 
     def stop(t: Tensor, residual: Tensor) -> bool:
-        nonlocal converged, suspect, previous
+        # the few numbers it decides on go to Python floats at once (the same float64 arithmetic as tensors,
+        # without a tensor operation's fixed cost for each of them)
+        nonlocal converged, suspect, previous, decomposition
         m = t.shape[0]
-        theta, s = torch.linalg.eigh(t)
-        residuals = (residual @ s).norm(dim=0)
-        top = torch.full((k,), float("nan"), dtype=torch.float64)
-        top[: min(k, m)] = theta.flip(0)[:k]
-        change = (top - previous).abs().nan_to_num(float("inf"))
+        theta, s = decomposition = torch.linalg.eigh(t)
+        rs = residual @ s  # one row (plain Lanczos): its magnitudes are the norms
+        residuals = (rs.abs()[0] if rs.shape[0] == 1 else rs.norm(dim=0)).tolist()
+        theta = theta.tolist()  # ascending
+        top = theta[::-1][:k] + [math.nan] * max(k - m, 0)
+        change = [math.inf if math.isnan(x - y) else abs(x - y) for x, y in zip(top, previous, strict=True)]
         previous = top
         if m < k:
             return False
-        bound, res = _error_estimates(theta, residuals)[-k:].flip(0), residuals[-k:].flip(0)
-        scale = top.abs().clamp_min(tol * float(theta.abs().max()))
+        bound = _error_bounds(theta, residuals, k)
+        res = residuals[::-1][:k]
+        floor = tol * max(abs(x) for x in theta)
+        scale = [max(abs(x), floor) for x in top]
         # the gap estimate trusts that no eigenvalue hides in a Ritz gap; the cap r <= 3·tol·|θ| keeps it honest
         # (without it: 1 in 600 cold top-2 runs on the digits MLP stopped on [λ1, λ3], and the warm trap missed 24/100)
-        ok = (res <= tol * scale) | ((torch.maximum(bound, change) <= tol * scale) & (res <= 3 * tol * scale))
+        ok = [
+            r <= tol * c or (max(e, d) <= tol * c and r <= 3 * tol * c)
+            for r, e, d, c in zip(res, bound, change, scale, strict=True)
+        ]
         if b < k:  # b converged values equal to tol, ending before position k: another copy may belong in the top k
-            tight = (top[: k - b] - top[b - 1 : k - 1]) <= tol * scale[: k - b]
-            together = torch.stack([ok[i : i + k - b] for i in range(b)]).all(dim=0)
-            suspect = bool((tight & together).any())
-        converged = bool(ok.all()) and not suspect
+            suspect = any(
+                top[i] - top[i + b - 1] <= tol * scale[i] and all(ok[i : i + b]) for i in range(k - b)
+            )
+        converged = all(ok) and not suspect
         return converged or suspect
 
-    run = block_lanczos(operator.matmat, start, max_hvps, stop=stop, generator=generator)
+    space = getattr(operator, "space", EUCLIDEAN)
+    run = block_lanczos(operator.matmat, start, max_hvps, stop=stop, generator=generator, space=space)
+    if decomposition is not None and decomposition[0].shape[0] == run.num_matvecs:
+        run.eigh = decomposition
     return run, converged, suspect
 
 
@@ -144,6 +169,9 @@ def top_eigenvalues(
     the start. Its share of the start is ~1/√n, so a warm start in a very large model can still miss such a
     direction (as a cold start can miss one its random start barely touches, only more often).
 
+    Reductions over the parameters and random draws go through the operator's ``space`` (whole vectors by
+    default; the local shards of a sharded operator, whose ``eigenvectors`` and ``init`` are then local rows).
+
     Example:
         >>> from lightning_landscape.functional import DenseOperator
         >>> a = torch.diag(torch.tensor([5.0, 5.0, 3.0, 1.0, 0.5, 0.2]))
@@ -152,30 +180,31 @@ def top_eigenvalues(
         ([5.0, 5.0, 3.0], True, True)
     """
     n, dtype, device = operator.size, operator.dtype, torch.device(operator.device)
+    space = getattr(operator, "space", EUCLIDEAN)
     if k < 1:
         raise ValueError(f"`k` must be >= 1, got {k}.")
-    if k > n:
-        raise ValueError(f"`k` must be at most the number of parameters ({n}), got {k}.")
+    if k > space.dimension(n):
+        raise ValueError(f"`k` must be at most the number of parameters ({space.dimension(n)}), got {k}.")
     if max_hvps < k:
         raise ValueError(f"`max_hvps` must be >= k ({k}), got {max_hvps}.")
     if tol <= 0:
         raise ValueError(f"`tol` must be > 0, got {tol}.")
     generator = make_generator(generator)
-    start = _start_block(init, min(k, MAX_BLOCK), n, generator, dtype, device)
+    start = _start_block(init, min(k, MAX_BLOCK), n, generator, dtype, device, space)
     run, converged, suspect = _lanczos_top(operator, start, k, max_hvps, tol, generator)
     used = run.num_matvecs
     if suspect and max_hvps - used >= k:
-        cold = gaussian((k, n), generator, dtype, device)
+        cold = space.gaussian(k, n, generator, dtype, device)
         second, converged, _ = _lanczos_top(operator, cold, k, max_hvps - used, tol, generator)
         used += second.num_matvecs
         # Ritz values are lower bounds of the eigenvalues in order: if neither converged, keep the larger ones
         sums = [float(torch.linalg.eigvalsh(r.tridiagonal)[-k:].sum()) for r in (run, second)]
         run = second if converged or sums[1] >= sums[0] else run
-    theta, s = torch.linalg.eigh(run.tridiagonal)
-    order = torch.argsort(theta, descending=True)[:k]
-    vectors = s[:, order].T.to(device=device, dtype=dtype) @ run.basis
-    vectors = vectors / vectors.norm(dim=1, keepdim=True)
-    return EigenResult(theta[order], vectors, used, converged, getattr(operator, "method", ""))
+    theta, s = run.eigh or torch.linalg.eigh(run.tridiagonal)  # ascending: the top k are the last k, reversed
+    top, s = theta.flip(0)[:k], s.flip(1)[:, :k]
+    vectors = s.T.to(device=device, dtype=dtype) @ run.basis
+    vectors = vectors / space.norms(vectors)[:, None]
+    return EigenResult(top, vectors, used, converged, getattr(operator, "method", ""))
 
 
 def hessian_eigenvalues(
@@ -218,5 +247,5 @@ def hessian_eigenvalues(
     """
     with LossOperator(model, loss_fn, batches, params, hvp_method=hvp_method, eval_mode=eval_mode) as op:
         result = top_eigenvalues(op, k, init=init, max_hvps=max_hvps, tol=tol, generator=generator)
-        result.num_hvps += op.probe_hvps  # the one product hvp_method='auto' spends choosing
+        result.num_hvps += op.probe_hvps  # what hvp_method='auto' spent choosing (0 when it was the first answer)
         return result

@@ -20,7 +20,9 @@ parameters, ``d`` their count and ``c`` a per-parameter scale — ``c = 1`` (pla
 Every quantity comes from :class:`~lightning_landscape.functional.LossOperator` (``loss`` and
 ``gradient`` at ``w + δ``), so the weights, buffers, ``.grad``, module mode and the global RNG
 are never touched, and under data parallelism every loss and gradient is already the mean
-over all processes' probe data.
+over all processes' probe data. Every reduction over the parameters (norms, the Krylov basis's inner products)
+and every random draw goes through the operator's ``space`` (``EUCLIDEAN`` unless it has one), so a sharded
+operator's vectors of local shards take the same code.
 """
 
 from __future__ import annotations
@@ -34,7 +36,8 @@ import torch
 from torch import Tensor, nn
 
 from ._perturbation import NORMS, ascent_step
-from ._random import gaussian, make_generator, rademacher
+from ._random import make_generator
+from ._space import EUCLIDEAN, VectorSpace
 from .hvp import LossFn, LossOperator
 
 __all__ = ["KINDS", "NORMS", "SharpnessResult", "check_sharpness_args", "sharpness", "sharpness_estimate"]
@@ -159,21 +162,21 @@ def check_sharpness_args(
     return norm
 
 
-def _project(delta: Tensor, scale: Tensor | None, rho: float, norm: str) -> Tensor:
+def _project(delta: Tensor, scale: Tensor | None, rho: float, norm: str, space: VectorSpace = EUCLIDEAN) -> Tensor:
     """The point of ``{δ : ‖δ / c‖_p ≤ ρ}`` nearest ``δ`` in the ``δ / c`` coordinates."""
     if norm == "linf":
         if scale is None:
             return delta.clamp(-rho, rho)
         return torch.maximum(torch.minimum(delta, rho * scale), -rho * scale)
     u = delta if scale is None else torch.where(scale > 0, delta / scale, torch.zeros_like(delta))
-    size = torch.linalg.vector_norm(u, dtype=torch.promote_types(u.dtype, torch.float32))
+    size = space.norm(u, dtype=torch.promote_types(u.dtype, torch.float32))
     factor = (rho / size.clamp_min(1e-300)).clamp(max=1.0)
     return delta * factor.to(delta.dtype)
 
 
-def _unit(v: Tensor) -> Tensor:
+def _unit(v: Tensor, space: VectorSpace = EUCLIDEAN) -> Tensor:
     """``v / ‖v‖``, or zeros for a zero ``v``."""
-    size = torch.linalg.vector_norm(v)
+    size = space.norm(v)
     return torch.where(size > 0, v / size.clamp_min(torch.finfo(v.dtype).tiny), torch.zeros_like(v))
 
 
@@ -193,10 +196,12 @@ class _Best:
 
 
 class _Scaled:
-    """The ``u`` coordinates of the worst case, ``δ = c ⊙ u``: ``f(u) = L(w + c ⊙ u) − L(w)``, ``∇f = c ⊙ ∇L``."""
+    """The ``u`` coordinates of the worst case, ``δ = c ⊙ u``: ``f(u) = L(w + c ⊙ u) − L(w)``, ``∇f = c ⊙ ∇L``;
+    ``vectors`` is the operator's vector space."""
 
     def __init__(self, op: LossOperator, scale: Tensor | None, dtype: torch.dtype) -> None:
         self.op, self.scale, self.dtype = op, scale, dtype
+        self.vectors: VectorSpace = getattr(op, "space", EUCLIDEAN)
 
     def delta(self, u: Tensor) -> Tensor:
         return u if self.scale is None else self.scale * u
@@ -213,28 +218,30 @@ def _worst_case(
     w = op.parameter_vector()
     dtype = torch.promote_types(op.dtype, torch.float32)  # the basis and model never in half precision
     scale = (w.abs() + eta).to(dtype) if adaptive else None
+    vs: VectorSpace = getattr(op, "space", EUCLIDEAN)
     # Random directions for where the gradient says nothing (an exact minimum, a parameter the loss does not
     # depend on at w) and, for ℓ2, the Krylov basis's second start. Always drawn: the generator advances the
     # same way every time.
     if norm == "l2":
-        fallback = gaussian((op.size,), generator, op.dtype, op.device)
-        second = gaussian((op.size,), generator, dtype, op.device)
+        fallback = vs.gaussian(1, op.size, generator, op.dtype, op.device)[0]
+        second = vs.gaussian(1, op.size, generator, dtype, op.device)[0]
     else:
-        fallback = rademacher((op.size,), generator, op.dtype, op.device)
+        fallback = vs.rademacher(1, op.size, generator, op.dtype, op.device)[0]
     base, grad = op.gradient()
     base = base.double()
     if norm == "l2":
-        start = torch.where((grad != 0).any(), grad, fallback)
+        start = torch.where(vs.max_abs(grad) != 0, grad, fallback)  # (a NaN counts as nonzero, as in `grad != 0`)
     else:  # a zero entry of sign(g) would leave its coordinate at 0: a random sign instead
         start = torch.where(grad != 0, grad, fallback)
     # the first perturbation is SAM's / ASAM's ε (the same function)
-    eps = _project(ascent_step([start], [w], rho, adaptive=adaptive, eta=eta, norm=norm)[0], scale, rho, norm)
+    eps = ascent_step([start], [w], rho, adaptive=adaptive, eta=eta, norm=norm, space=vs)[0]
+    eps = _project(eps, scale, rho, norm, vs)
     if steps == 1:
         return base, torch.maximum(op.loss(eps).double(), base)
     space = _Scaled(op, scale, dtype)
     if norm == "l2":
         mask = None if scale is None else (scale > 0).to(dtype)  # coordinates c = 0 cannot move
-        first = _unit(space.grad(start))
+        first = _unit(space.grad(start), vs)
         second = second if mask is None else second * mask
         best = _l2_worst(space, rho, steps, base, space.grad(grad), eps, first, second, w, adaptive, eta)
     else:
@@ -243,11 +250,11 @@ def _worst_case(
 
 
 # ---------------------------------------------------------------------------------------------- ℓ2
-def _orthogonalize(y: Tensor, basis: Tensor) -> tuple[Tensor, Tensor]:
+def _orthogonalize(y: Tensor, basis: Tensor, space: VectorSpace = EUCLIDEAN) -> tuple[Tensor, Tensor]:
     """``y`` minus its projection on the rows of ``basis`` (classical Gram–Schmidt, twice), and the coefficients."""
-    coef = basis @ y
+    coef = space.inner(basis, y)
     y = y - coef @ basis
-    again = basis @ y
+    again = space.inner(basis, y)
     return y - again @ basis, coef + again
 
 
@@ -274,15 +281,17 @@ class _Krylov:
     def _residual(self, y: Tensor, rows: int) -> tuple[Tensor, Tensor]:
         """The unit vector along ``y`` minus its projection on the first ``rows`` rows (zeros where that is
         rounding), and the coefficients (the last one the residual's length)."""
-        r, c = _orthogonalize(y, self.basis[:rows])
-        size = torch.linalg.vector_norm(r)
-        ok = size > self.tol * torch.linalg.vector_norm(y)
+        vs = self.space.vectors
+        r, c = _orthogonalize(y, self.basis[:rows], vs)
+        size = vs.norm(r)
+        ok = size > self.tol * vs.norm(y)
         unit = torch.where(ok, r / size.clamp_min(torch.finfo(r.dtype).tiny), torch.zeros_like(r))
         return unit, torch.cat([c.double(), torch.where(ok, size, torch.zeros_like(size)).double().reshape(1)])
 
     def product(self, j: int, delta: Tensor | None = None, second: Tensor | None = None) -> None:
         """The gradient at ``ρ·v_j`` (at ``delta``, SAM's ε, for ``j = 0``; ``second``: the random direction)."""
         space, rho, basis = self.space, self.rho, self.basis
+        vs = space.vectors
         delta = space.delta(rho * basis[j]) if delta is None else delta
         loss, grad = space.op.gradient(delta)
         if self.best is None:
@@ -291,22 +300,22 @@ class _Krylov:
             self.best.update(loss, delta, grad)
         gj = space.grad(grad)
         # a quadratic's gradient is linear along the segment, so the trapezoid rule is exact on it
-        self.trapezoid[j] = loss.double() - self.base - 0.5 * rho * (basis[j] @ (self.g0 + gj)).double()
+        self.trapezoid[j] = loss.double() - self.base - 0.5 * rho * vs.inner(basis[j], self.g0 + gj).double()
         y = (gj - self.g0) / rho
         if j == 0:
             krylov, _ = self._residual(y, 1)
             random, _ = self._residual(second, 1)
-            basis[1] = _unit(krylov + _RANDOM_MIX * random)
+            basis[1] = _unit(krylov + _RANDOM_MIX * random, vs)
             self.extra, _ = self._residual(random, 2)
-            c = _orthogonalize(y, torch.stack([basis[0], basis[1], self.extra]))[1].double()
+            c = _orthogonalize(y, torch.stack([basis[0], basis[1], self.extra]), vs)[1].double()
             self.coef[:2, 0], self.extra_coef = c[:2], c[2]
         else:
             basis[j + 1], self.coef[: j + 2, j] = self._residual(y, j + 1)
-            self.coef[j + 1, 0] = self.extra_coef * (basis[j + 1] @ self.extra).double()
+            self.coef[j + 1, 0] = self.extra_coef * vs.inner(basis[j + 1], self.extra).double()
 
     def model(self, k: int) -> tuple[Tensor, Tensor, Tensor]:
         """``(VᵀAV, Vᵀ∇f(0), trapezoid residuals)`` over the first ``k`` rows ``V``, float64 on the host."""
-        b = (self.basis[:k] @ self.g0).double()
+        b = self.space.vectors.inner(self.basis[:k], self.g0).double()
         packed = torch.cat([self.coef[:k, :k].reshape(-1), b, self.trapezoid[:k]]).cpu()  # one host transfer
         return packed[: k * k].reshape(k, k), packed[k * k : k * k + k], packed[k * k + k :]
 
@@ -325,7 +334,7 @@ def _l2_worst(
     eta: float,
 ) -> Tensor:
     """Krylov phase and trust-region model, then (unless the model is quadratic) the monotone ascent."""
-    op = space.op
+    op, vs = space.op, space.vectors
     n_all = steps - 1  # Krylov products when the model is quadratic
     n_half = max(1, n_all // 2)  # the checkpoint
     krylov = _Krylov(space, rho, n_all, base, g0)
@@ -350,7 +359,7 @@ def _l2_worst(
         t, b, _ = model
         c = _trust_region(0.5 * (t + t.T), b, rho).to(device=op.device, dtype=space.dtype)
         u = c @ krylov.basis[:k]
-        u = u * (rho / torch.linalg.vector_norm(u).clamp_min(torch.finfo(u.dtype).tiny)).clamp(max=1.0)
+        u = u * (rho / vs.norm(u).clamp_min(torch.finfo(u.dtype).tiny)).clamp(max=1.0)
         delta = space.delta(u)
         del krylov, u
         if left == 0:
@@ -363,8 +372,8 @@ def _l2_worst(
         del krylov
     size = torch.tensor(_FIRST_STEP, dtype=torch.float64, device=op.device)
     for i in range(left + 1):
-        step = ascent_step([best.grad], [w], rho, adaptive=adaptive, eta=eta)[0]
-        delta = _project(best.point + size.to(step.dtype) * step, space.scale, rho, "l2")
+        step = ascent_step([best.grad], [w], rho, adaptive=adaptive, eta=eta, space=vs)[0]
+        delta = _project(best.point + size.to(step.dtype) * step, space.scale, rho, "l2", vs)
         if i < left:
             value, grad = op.gradient(delta)
         else:
@@ -483,14 +492,15 @@ def _average_case(
 ) -> tuple[Tensor, Tensor]:
     """Monte Carlo over antithetic pairs; returns ``(L(w), mean L(w ± c ⊙ z))`` as 0-dim tensors."""
     scale = (op.parameter_vector().abs() + eta) if adaptive else None
+    vs: VectorSpace = getattr(op, "space", EUCLIDEAN)
+    d = vs.dimension(op.size)
     base = op.loss()
     total = torch.zeros((), dtype=torch.float64, device=op.device)
     for _ in range(samples):
         if norm == "l2":
-            z = gaussian((op.size,), generator, op.dtype, op.device) * (rho / math.sqrt(op.size))
+            z = vs.gaussian(1, op.size, generator, op.dtype, op.device)[0] * (rho / math.sqrt(d))
         else:
-            z = (torch.rand(op.size, generator=generator, device=generator.device, dtype=op.dtype) * 2 - 1) * rho
-            z = z.to(op.device)
+            z = (vs.uniform(1, op.size, generator, op.dtype, op.device)[0] * 2 - 1) * rho
         delta = z if scale is None else scale * z
         # z and −z have the same law: the pair's mean is unbiased and cancels the gradient's term
         total = total + op.loss(delta).double() + op.loss(-delta).double()

@@ -22,15 +22,19 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
 from ._batches import batch_size, split_batch
+
+if TYPE_CHECKING:
+    from ._space import ShardedSpace
 from ._params import ParamSpec, compute_dtype
 from ._random import gaussian, make_generator
+from ._sharded import ShardedLossOperator, is_sharded, sharded_parameters
 from .hvp import LossFn, LossOperator, MeasurementError, is_out_of_memory
 
 __all__ = [
@@ -81,20 +85,33 @@ def filter_normalize(
         >>> d                                  # row 0 scaled to norm 5, zero row stays zero, bias zero
         tensor([5., 0., 0., 0., 0., 0.])
     """
-    spec = ParamSpec(model, params)
-    if not isinstance(directions, Tensor) or directions.dim() not in (1, 2) or directions.shape[-1] != spec.numel:
+    space: ShardedSpace | None = None
+    if is_sharded(model):  # local rows: a filter (dim-0 row) is whole on one process; 1-D norms are reduced
+        space, theta_all = _sharded_layout(model, params)
+        numel, device, param_dtype = sum(t.numel() for t in theta_all), theta_all[0].device, theta_all[0].dtype
+        sizes = [t.numel() for t in theta_all]
+    else:
+        spec = ParamSpec(model, params)
+        theta_all, numel, device, param_dtype, sizes = spec.tensors(), spec.numel, spec.device, spec.dtype, spec.sizes
+    if not isinstance(directions, Tensor) or directions.dim() not in (1, 2) or directions.shape[-1] != numel:
         shape = tuple(directions.shape) if isinstance(directions, Tensor) else type(directions).__name__
-        raise ValueError(f"`directions` must have shape [{spec.numel}] or [k, {spec.numel}], got {shape}.")
+        raise ValueError(f"`directions` must have shape [{numel}] or [k, {numel}], got {shape}.")
     if not torch.is_floating_point(directions):
         raise TypeError(f"`directions` must be a floating-point tensor, got {directions.dtype}.")
-    dtype = compute_dtype(spec.dtype)  # float32 for half-precision weights
-    flat = directions.detach().to(device=spec.device, dtype=dtype)
+    dtype = compute_dtype(param_dtype)  # float32 for half-precision weights
+    flat = directions.detach().to(device=device, dtype=dtype)
     squeeze = flat.dim() == 1
-    flat = flat.reshape(-1, spec.numel)
+    flat = flat.reshape(-1, numel)
     out = []
-    for theta, d in zip([t.to(dtype) for t in spec.tensors()], spec.split(flat), strict=True):
+    parts = [p.reshape(flat.shape[0], *t.shape) for p, t in zip(flat.split(sizes, dim=-1), theta_all, strict=True)]
+    for index, (theta, d) in enumerate(zip([t.to(dtype) for t in theta_all], parts, strict=True)):
         k = d.shape[0]
-        if theta.dim() >= 2:
+        if space is not None and theta.dim() < 2 and include_1d:
+            # one filter spread over the processes: its norms are reduced (a replicated one counts once)
+            theta_norm, d_norm = _sharded_norms(space.slices[index].replicated, space.group, theta, d)
+            scale = torch.where(d_norm > 0, theta_norm / torch.where(d_norm > 0, d_norm, 1.0), 0.0)
+            out.append(d.reshape(k, -1) * scale)
+        elif theta.dim() >= 2:
             theta_norm = theta.reshape(1, theta.shape[0], -1).norm(dim=-1)  # [1, filters]
             d_rows = d.reshape(k, theta.shape[0], -1)
             d_norm = d_rows.norm(dim=-1)  # [k, filters]
@@ -106,7 +123,7 @@ def filter_normalize(
             scale = torch.where(d_norm > 0, theta_norm / torch.where(d_norm > 0, d_norm, 1.0), 0.0)
             out.append(d.reshape(k, -1) * scale)
         else:
-            out.append(torch.zeros(k, theta.numel(), dtype=dtype, device=spec.device))
+            out.append(torch.zeros(k, theta.numel(), dtype=dtype, device=device))
     result = torch.cat(out, dim=-1)
     return result[0] if squeeze else result
 
@@ -142,9 +159,40 @@ def random_directions(
         True
     """
     _check_count(count)
+    if is_sharded(model):  # the local rows of the same global draw on every process
+        space, locals_ = _sharded_layout(model, params)
+        n = sum(t.numel() for t in locals_)
+        raw = space.gaussian(count, n, make_generator(generator), torch.float32, locals_[0].device)
+        return filter_normalize(model, raw, params, include_1d=include_1d)
     spec = ParamSpec(model, params)
     raw = gaussian((count, spec.numel), make_generator(generator), torch.float32, spec.device)
     return filter_normalize(model, raw, params, include_1d=include_1d)
+
+
+def _sharded_layout(model: nn.Module, params: Sequence[Tensor | str] | None) -> tuple[ShardedSpace, list[Tensor]]:
+    """The vector space and this process's shards (local rows) of an FSDP2-sharded model's measured parameters."""
+    from ._space import ShardedSpace
+
+    _, tensors, slices, group, world = sharded_parameters(model, params)
+    with torch.no_grad():
+        locals_ = [t.to_local() if hasattr(t, "to_local") else t.detach() for t in tensors]
+    return ShardedSpace(slices, group=group, world_size=world), locals_
+
+
+def _sharded_norms(replicated: bool, group: Any, theta: Tensor, d: Tensor) -> tuple[Tensor, Tensor]:
+    """``‖θ‖`` (0-dim) and the row norms ``‖d_i‖`` (``[k, 1]``) of one parameter whose rows are spread over the
+    processes of ``group`` (held whole when ``replicated``)."""
+    squares = torch.cat([theta.pow(2).sum().reshape(1), d.reshape(d.shape[0], -1).pow(2).sum(dim=1)])
+    if not replicated:
+        torch.distributed.all_reduce(squares, group=group)
+    return squares[0].sqrt(), squares[1:].sqrt().unsqueeze(1)
+
+
+def _numel(model: nn.Module, params: Sequence[Tensor | str] | None) -> int:
+    """Entries of a direction vector: all measured parameters, or this process's rows of them when sharded."""
+    if is_sharded(model):
+        return sum(t.numel() for t in _sharded_layout(model, params)[1])
+    return ParamSpec(model, params).numel
 
 
 # ---------------------------------------------------------------------------------------------- results
@@ -262,11 +310,10 @@ def loss_surface(
         True
     """
     coords = grid_coords(steps, distance)
-    spec = ParamSpec(model, params)
     if directions is None:
         dirs = random_directions(model, generator, 2, params, include_1d=include_1d)
     else:
-        dirs = _as_directions(directions, 2, spec.numel, "directions")
+        dirs = _as_directions(directions, 2, _numel(model, params), "directions")
     values = coords.tolist()
     points = [(a, b) for a in values for b in values]
     losses = _evaluate(model, loss_fn, batches, params, dirs, points, eval_mode, reduce_fn)
@@ -303,11 +350,10 @@ def loss_line(
         tensor([0., 1., 4.], dtype=torch.float64)
     """
     coords = grid_coords(steps, distance)
-    spec = ParamSpec(model, params)
     if direction is None:
         dirs = random_directions(model, generator, 1, params, include_1d=include_1d)
     else:
-        dirs = _as_directions(direction, 1, spec.numel, "direction")
+        dirs = _as_directions(direction, 1, _numel(model, params), "direction")
     points = [(a, None) for a in coords.tolist()]
     losses = _evaluate(model, loss_fn, batches, params, dirs, points, eval_mode, reduce_fn)
     return LineResult(coords=coords, losses=losses, direction=dirs[0])
@@ -338,7 +384,18 @@ def _evaluate(
 
     The module's parameters are replaced (through ``functional_call``, for the whole grid) by views of one
     scratch vector that is overwritten in place for each point; the weights themselves are never written.
+    An FSDP2-sharded module is evaluated through :class:`ShardedLossOperator` instead: ``θ + δ`` written into
+    the local shards, restored by exact copy after each point (``directions`` are then local rows).
     """
+    if is_sharded(model):
+        with ShardedLossOperator(model, loss_fn, batches, params, eval_mode=eval_mode) as op:
+            dirs = directions.to(device=op.device, dtype=op.dtype)
+            values = []
+            for a, b in points:
+                delta = a * dirs[0] + (b * dirs[1] if b is not None else 0.0)
+                values.append(op.loss(delta).to(torch.float64))
+            losses = torch.stack(values).cpu()
+        return torch.where(losses.isfinite(), losses, math.nan)
     # LossOperator's context: eval mode (restored on exit), autocast off, grad mode sane under inference_mode,
     # inference tensors in the batches cloned.
     with LossOperator(model, loss_fn, batches, params, eval_mode=eval_mode) as op, torch.no_grad():

@@ -12,7 +12,8 @@ from torch import Tensor, nn
 
 from ._lanczos import lanczos
 from ._operator import SymmetricOperator
-from ._random import gaussian, make_generator, rademacher
+from ._random import make_generator
+from ._space import EUCLIDEAN
 from .hvp import LossFn, LossOperator
 
 __all__ = [
@@ -56,7 +57,8 @@ class DensityResult:
 
 
 def _quadratic_forms(operator: SymmetricOperator, vectors: Tensor) -> Tensor:
-    return (vectors * operator.matmat(vectors)).sum(dim=1).double()
+    space = getattr(operator, "space", EUCLIDEAN)
+    return space.row_dots(vectors, operator.matmat(vectors)).double()
 
 
 def trace_estimate(
@@ -72,7 +74,8 @@ def trace_estimate(
     ``Q = orth(A S)``, takes ``tr(QᵀAQ)`` exactly (another third) and estimates the rest,
     ``tr((I-QQᵀ)A(I-QQᵀ))``, by Hutchinson with Rademacher vectors (the last third). The
     standard error is that of the Hutchinson part. ``method="hutchinson"`` spends all on
-    Hutchinson. Products are batched.
+    Hutchinson. Products are batched. Reductions over the parameters, the orthonormalization and the probe
+    draws go through the operator's ``space``.
 
     Example:
         >>> from lightning_landscape.functional import DenseOperator
@@ -87,19 +90,20 @@ def trace_estimate(
         raise ValueError(f"`num_hvps` must be >= {min_hvps} for {method}, got {num_hvps}.")
     generator = make_generator(generator)
     n, dtype, device = operator.size, operator.dtype, torch.device(operator.device)
+    space = getattr(operator, "space", EUCLIDEAN)
     exact = 0.0
     if method == "hutch++":
-        sketch = min(num_hvps // 3, n)
-        s = rademacher((sketch, n), generator, dtype, device)
-        q, _ = torch.linalg.qr(operator.matmat(s).T)  # [n, sketch]
-        q = q.T.contiguous()
+        sketch = min(num_hvps // 3, space.dimension(n))
+        s = space.rademacher(sketch, n, generator, dtype, device)
+        q, _ = space.orthonormal_rows(operator.matmat(s))  # [sketch, n]
+        q = q.contiguous()
         exact = float(_quadratic_forms(operator, q).sum())
         tests = num_hvps - 2 * sketch
-        g = rademacher((tests, n), generator, dtype, device)
-        g = g - (g @ q.T) @ q
+        g = space.rademacher(tests, n, generator, dtype, device)
+        g = g - space.inner(g, q) @ q
     else:
         tests = num_hvps
-        g = rademacher((tests, n), generator, dtype, device)
+        g = space.rademacher(tests, n, generator, dtype, device)
     forms = _quadratic_forms(operator, g) if tests > 0 else torch.zeros(0, dtype=torch.float64)
     rest = float(forms.mean()) if tests > 0 else 0.0
     stderr = float(forms.std() / math.sqrt(tests)) if tests > 1 else float("nan")
@@ -151,7 +155,8 @@ def slq_density(
     product of ``num_probes`` vectors per step). Each chain's tridiagonal matrix gives Gauss
     nodes ``θ_j`` and weights ``τ_j`` (first components of its eigenvectors, squared); the
     density is ``mean over probes of Σ_j τ_j N(x; θ_j, σ²)`` on a grid spanning the nodes.
-    ``sigma`` defaults to 1% of the spectral range.
+    ``sigma`` defaults to 1% of the spectral range. Reductions over the parameters and the probe draws go
+    through the operator's ``space``.
 
     Example:
         >>> from lightning_landscape.functional import DenseOperator
@@ -168,8 +173,9 @@ def slq_density(
         raise ValueError(f"`sigma` must be > 0 or None, got {sigma}.")
     generator = make_generator(generator)
     n, dtype, device = operator.size, operator.dtype, torch.device(operator.device)
-    start = gaussian((num_probes, n), generator, dtype, device)
-    run = lanczos(operator.matmat, start, num_steps)
+    space = getattr(operator, "space", EUCLIDEAN)
+    start = space.gaussian(num_probes, n, generator, dtype, device)
+    run = lanczos(operator.matmat, start, num_steps, space=space)
     steps = max(run.lengths)
     nodes = torch.full((num_probes, steps), float("nan"), dtype=torch.float64)
     weights = torch.zeros(num_probes, steps, dtype=torch.float64)

@@ -615,6 +615,8 @@ class MeasurementCallback(*callback_bases()):
             message = f"{type(self).__name__}: Hessian-vector products by `{op.method}`."
             if op.space.distributed:
                 message += " (The model is sharded (FSDP2): differences of gradients; FSDP has no double backward.)"
+            elif getattr(op, "memory_fallback", False):
+                message += " (Double backward ran out of memory even on small pieces of the probe; fell back.)"
             elif self.hvp_method == "auto" and op.product_check_failed:
                 message += f" (The exact product failed its check: {op.product_check}.)"
             elif op.method != "double_backward" and self.hvp_method == "auto":

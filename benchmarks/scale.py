@@ -558,8 +558,8 @@ def run_sharded(args: argparse.Namespace) -> None:
         [
             f"reference λ1: unsharded Lanczos to 1e-6 = {ref['value']:.8g} ({ref['hvps']} HVPs)",
             f"the sharded run's whole wall time, process start to finish: {wall:.1f} s",
-            "between phases the sharded model is resharded by hand (model.reshard()): a loss-only evaluation leaves",
-            "  FSDP2's root parameters unsharded, and a sharded operator opened on them crashes (a library bug)",
+            "between phases the script also reshards by hand (model.reshard()); the library now does so itself",
+            "  around every write of the shards (FSDP2 leaves the root unsharded after a loss-only evaluation)",
         ],
     )
 

@@ -200,3 +200,13 @@ def test_probe_size_is_given_once(cls):
     with pytest.raises(ValueError, match=r"num_samples.*num_batches"):
         cls(num_samples=256, num_batches=4)
     assert cls().num_samples == 256 and cls().num_batches is None  # DEFAULT_PROBE_SAMPLES
+
+
+def test_an_exact_product_method_is_refused_for_a_sharded_module(monkeypatch):
+    import lightning_landscape.callbacks._base as base
+
+    monkeypatch.setattr(base, "is_sharded", lambda module: True)  # as under ModelParallelStrategy (FSDP2)
+    with pytest.raises(ValueError, match=r"`hvp_method` must be 'auto' or 'finite_difference' for a sharded"):
+        HessianCallback(hvp_method="double_backward").check_model(DigitsModule())
+    HessianCallback(hvp_method="finite_difference").check_model(DigitsModule())
+    HessianCallback().check_model(DigitsModule())

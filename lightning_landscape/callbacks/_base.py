@@ -260,6 +260,12 @@ class MeasurementCallback(*callback_bases()):
         """Raise a ``ValueError`` naming the argument if this callback's arguments do not fit the model."""
         if not any(p.requires_grad for p in pl_module.parameters()):
             raise ValueError(f"{type(self).__name__}: the module has no parameter with requires_grad to measure.")
+        method = getattr(self, "hvp_method", "auto")
+        if method not in ("auto", "finite_difference") and is_sharded(pl_module):
+            raise ValueError(
+                f"{type(self).__name__}: `hvp_method` must be 'auto' or 'finite_difference' for a sharded (FSDP2) "
+                f"module: double backward does not run under FSDP; got {method!r}."
+            )
 
     def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict) -> None:
         """Say so when the checkpoint holds this callback's state under other arguments (it is then not restored)."""

@@ -336,6 +336,7 @@ class ShardedLossOperator:
         counts = torch.tensor([float(sum(self._counts[i] for i in batches))], dtype=torch.float64, device=self.device)
         torch.distributed.all_reduce(counts, group=self.group)
         total = float(counts.item())
+        reshard(self.model)  # the registered parameters are then the shards whose `.grad` the optimizer reads
         everything = list(self.model.parameters())
         saved_grads = [p.grad for p in everything]
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)

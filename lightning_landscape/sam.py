@@ -41,7 +41,7 @@ from lightning_landscape._sam_variants import (
 )
 from lightning_landscape._user_state import invisible_user_code
 from lightning_landscape.functional._perturbation import ascent_step
-from lightning_landscape.functional._sharded import reshard
+from lightning_landscape.functional._sharded import local_shard, reshard
 
 __all__ = ["SAMMixin"]
 
@@ -467,8 +467,8 @@ class SAMMixin:
         sharded = [_is_a(p, "DTensor") for p in chosen]
         reduce_squares = _shard_reducer(chosen, sharded) if any(sharded) else None
         with torch.no_grad():
-            targets = [_local(p) for p in chosen] if any(sharded) else chosen
-            everything = [_local(p.grad) for p in params] if any(sharded) else [p.grad for p in params]
+            targets = [local_shard(p) for p in chosen] if any(sharded) else chosen
+            everything = [local_shard(p.grad) for p in params] if any(sharded) else [p.grad for p in params]
             if scaler is not None:  # 16-mixed: unscale (these gradients are discarded) and note non-finite ones
                 scale = getattr(scaler, "_scale", None)
                 if not isinstance(scale, Tensor):
@@ -477,7 +477,7 @@ class SAMMixin:
                 bad = torch.stack([n.float() for n in torch._foreach_norm(everything)]).sum().isfinite().logical_not()
                 if per_rank:  # every rank must skip the step together
                     bad = strategy.reduce(bad.float(), reduce_op="sum") > 0
-            grads = everything if chosen is params else [_local(p.grad) for p in chosen]
+            grads = everything if chosen is params else [local_shard(p.grad) for p in chosen]
             first = _copies(everything) if self._sam_reusing else None  # LookSAM needs g after the second pass
             weights = targets if self.sam_adaptive else None
             norm = None
@@ -580,11 +580,6 @@ class SAMMixin:
 def _is_a(obj: object, class_name: str) -> bool:
     """Whether ``obj``'s class or a base is named ``class_name`` (either Lightning package's class matches)."""
     return any(cls.__name__ == class_name for cls in type(obj).__mro__)
-
-
-def _local(t: Tensor) -> Tensor:
-    """A DTensor's local shard (a view: writing it writes the parameter), or the tensor itself."""
-    return t.to_local() if hasattr(t, "to_local") else t
 
 
 def _shard_reducer(params: list[Tensor], sharded: list[bool]) -> Callable[[Tensor], Tensor]:

@@ -82,3 +82,19 @@ def split_batch(batch: Any, pieces: int) -> list[Any]:
         apply_to_tensors(batch, lambda t, s=start: t[s : s + step] if t.dim() > 0 and t.shape[0] == n else t)
         for start in range(0, n, step)
     ]
+
+
+def scalar_loss(loss: object) -> Tensor:
+    """``loss`` as a 0-dim tensor, or a ``ValueError`` saying what ``loss_fn`` returned instead.
+
+    A 0-dim loss is returned as is (a reshaped view would add a node to every gradient graph).
+
+    Example:
+        >>> import torch
+        >>> scalar_loss(torch.ones(1, 1)).shape
+        torch.Size([])
+    """
+    if not isinstance(loss, Tensor) or loss.numel() != 1:
+        shape = tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__
+        raise ValueError(f"`loss_fn` must return a scalar tensor, got {shape}.")
+    return loss if loss.dim() == 0 else loss.reshape(())

@@ -38,13 +38,13 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
-from ._batches import apply_to_tensors, batch_size, clone_if_inference
+from ._batches import apply_to_tensors, batch_size, clone_if_inference, scalar_loss
 from ._params import select_parameters
 
 if TYPE_CHECKING:
     from ._space import ShardedSpace, ShardSlice
 
-__all__ = ["ShardedLossOperator", "is_sharded", "reshard", "sharded_parameters"]
+__all__ = ["ShardedLossOperator", "is_sharded", "local_shard", "reshard", "sharded_parameters"]
 
 LossFn = Callable[[nn.Module, Any], Tensor]
 
@@ -72,6 +72,18 @@ def is_sharded(model: nn.Module) -> bool:
     return any(isinstance(m, FSDPModule) for m in model.modules()) or any(
         isinstance(p, dtensor) for p in model.parameters()
     )
+
+
+def local_shard(t: Tensor) -> Tensor:
+    """A ``DTensor``'s local shard, or a plain tensor's data: a view either way, so writing it writes ``t``.
+
+    Example:
+        >>> w = torch.zeros(2)
+        >>> local_shard(w).add_(1.0) is not None and w.tolist()
+        [1.0, 1.0]
+    """
+    with torch.no_grad():
+        return t.to_local() if hasattr(t, "to_local") else t.data
 
 
 def reshard(model: nn.Module) -> None:
@@ -204,7 +216,7 @@ class ShardedLossOperator:
 
         self.space: ShardedSpace = ShardedSpace(slices, group=self.group, world_size=self.world_size)
         self._replicated = [s.replicated for s in slices]
-        self._locals = [self._local(p) for p in self._params]
+        self._locals = [local_shard(p) for p in self._params]
         self.sizes = [t.numel() for t in self._locals]
         self.size = sum(self.sizes)
         self.dtype = self._locals[0].dtype
@@ -219,11 +231,6 @@ class ShardedLossOperator:
         self._total: float | None = None
         self._ctx: list[contextlib.ExitStack] = []
         self._saved_modes: list[list[tuple[nn.Module, bool]]] = []
-
-    @staticmethod
-    def _local(p: Tensor) -> Tensor:
-        with torch.no_grad():
-            return p.to_local() if hasattr(p, "to_local") else p.data
 
     # ------------------------------------------------------------------ context
     def __enter__(self) -> ShardedLossOperator:
@@ -309,11 +316,7 @@ class ShardedLossOperator:
                     t.copy_(theta)
 
     def _loss_of(self, batch: Any) -> Tensor:
-        loss = self.loss_fn(self.model, batch)
-        if not isinstance(loss, Tensor) or loss.numel() != 1:
-            shape = tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__
-            raise ValueError(f"`loss_fn` must return a scalar tensor, got {shape}.")
-        return loss.reshape(())
+        return scalar_loss(self.loss_fn(self.model, batch))
 
     def loss(self, delta: Tensor | None = None) -> Tensor:
         """The loss at ``θ + δ`` over every process's probe (``δ`` a local flat vector), a 0-dim tensor."""
@@ -353,7 +356,7 @@ class ShardedLossOperator:
             grads = []
             for p, replicated in zip(self._params, self._replicated, strict=True):
                 g = p.grad
-                g = torch.zeros_like(self._local(p)) if g is None else self._local(g)
+                g = torch.zeros_like(local_shard(p)) if g is None else local_shard(g)
                 if replicated:  # not reduced by FSDP: average here
                     g = g.clone()
                     torch.distributed.all_reduce(g, group=self.group)

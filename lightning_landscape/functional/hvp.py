@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from ._batches import apply_to_tensors, batch_size, clone_if_inference, split_batch
+from ._batches import apply_to_tensors, batch_size, clone_if_inference, scalar_loss, split_batch
 from ._params import ParamSpec, compute_dtype
 from ._sharded import ShardedLossOperator, is_sharded
 
@@ -531,11 +531,7 @@ class LossOperator:
                 table[key] = original
 
     def _batch_loss(self, selected: Sequence[Tensor], batch: Any) -> Tensor:
-        loss = self._call_substituted(selected, batch)
-        if not isinstance(loss, Tensor) or loss.numel() != 1:
-            shape = tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__
-            raise ValueError(f"`loss_fn` must return a scalar tensor, got {shape}.")
-        return loss if loss.dim() == 0 else loss.reshape(())  # (a view would add a node to every graph)
+        return scalar_loss(self._call_substituted(selected, batch))
 
     def _check_graph(self, loss: Tensor) -> None:
         """Refuse a loss that reads the module's parameters around ``functional_call`` (once per operator)."""

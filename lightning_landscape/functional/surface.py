@@ -28,13 +28,13 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from ._batches import batch_size, split_batch
+from ._batches import batch_size, scalar_loss, split_batch
 
 if TYPE_CHECKING:
     from ._space import ShardedSpace
 from ._params import ParamSpec, compute_dtype
 from ._random import gaussian, make_generator
-from ._sharded import ShardedLossOperator, is_sharded, sharded_parameters
+from ._sharded import ShardedLossOperator, is_sharded, local_shard, sharded_parameters
 from .hvp import LossFn, LossOperator, MeasurementError, is_out_of_memory
 
 __all__ = [
@@ -174,8 +174,7 @@ def _sharded_layout(model: nn.Module, params: Sequence[Tensor | str] | None) -> 
     from ._space import ShardedSpace
 
     _, tensors, slices, group, world = sharded_parameters(model, params)
-    with torch.no_grad():
-        locals_ = [t.to_local() if hasattr(t, "to_local") else t.detach() for t in tensors]
+    locals_ = [local_shard(t) for t in tensors]
     return ShardedSpace(slices, group=group, world_size=world), locals_
 
 
@@ -427,7 +426,7 @@ def _evaluate(
             while True:
                 try:
                     parts = split_batch(batch, pieces) if pieces > 1 else [batch]
-                    total = sum(batch_size(p) * _scalar(loss_fn(net, p)) for p in parts)
+                    total = sum(batch_size(p) * scalar_loss(loss_fn(net, p)) for p in parts)
                     return total / batch_size(batch)
                 except Exception as err:
                     if not is_out_of_memory(err) or pieces >= batch_size(batch):
@@ -471,13 +470,6 @@ def _evaluate(
             sums, total = packed[:-2], packed[-2:-1]
         losses = (sums / total).cpu()
     return torch.where(losses.isfinite(), losses, math.nan)
-
-
-def _scalar(loss: object) -> Tensor:
-    if not isinstance(loss, Tensor) or loss.numel() != 1:
-        shape = tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__
-        raise ValueError(f"`loss_fn` must return a scalar tensor, got {shape}.")
-    return loss.reshape(())
 
 
 # ---------------------------------------------------------------------------------------------- checks

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from functools import partial
 from typing import Any
 
@@ -127,11 +127,24 @@ class SAMMixin:
       measurements use too: ``lightning_landscape._user_state``);
     - anything else ``training_step`` does (dropout masks, the global RNG, objects outside the module) happens twice.
 
-    Unsupported, with an error at ``setup``: manual optimization, ``accumulate_grad_batches > 1`` (the
-    micro-batches before the last are gone when ``ε`` is known), FSDP1 (``FSDPStrategy``), DeepSpeed, tensor
-    parallelism and XLA. Under ``ModelParallelStrategy`` (FSDP2) ``ε`` is computed on each process's shards from
-    the gradient FSDP has already averaged over the processes (``‖g‖`` reduced across them), so it is
-    ``sam_sync_first=True``'s SAM whatever that flag says: the per-process gradients are never whole anywhere.
+    Gradient accumulation (``Trainer(accumulate_grad_batches=K)``): a SAM step is SAM on the whole window of
+    ``K`` micro-batches, the same step as SAM on one batch ``K`` times larger: ``g`` is the gradient Lightning
+    accumulated over the window at ``w``, one ``ε`` is formed from it, and the second pass runs ``training_step``
+    and ``backward`` on every micro-batch of the window again at ``w + ε`` (the same ``loss / K`` scaling, under
+    DDP with the all-reduce on the last one only). Why this and not one ``ε`` per micro-batch: accumulation exists
+    to stand in for a batch that does not fit, and this keeps that promise (a run with ``K`` micro-batches of
+    ``m`` matches one with batches of ``K·m``); ``m``-sharpness is available where it costs nothing, as
+    per-process ``ε`` under DDP (``sam_sync_first=False``). The cost: the window's micro-batches are kept (the
+    references the loop hands over, taken in :meth:`on_train_batch_start`: a class that overrides it must call
+    ``super()``) until the optimizer step, and a SAM step still costs two forward-backward passes per
+    micro-batch. ``sam/sharpness`` is then the last micro-batch's (the earlier ones' losses at ``w`` are gone).
+    Not under FSDP2.
+
+    Unsupported, with an error at ``setup``: manual optimization, FSDP1 (``FSDPStrategy``), DeepSpeed, tensor
+    parallelism, XLA, and gradient accumulation under FSDP2. Under ``ModelParallelStrategy`` (FSDP2) ``ε`` is
+    computed on each process's shards from the gradient FSDP has already averaged over the processes (``‖g‖``
+    reduced across them), so it is ``sam_sync_first=True``'s SAM whatever that flag says: the per-process gradients
+    are never whole anywhere.
     A class that overrides ``optimizer_step`` must call ``super().optimizer_step(...)``.
 
     Example:
@@ -184,6 +197,7 @@ class SAMMixin:
     _sam_logged: tuple[str, ...] = ()  # keys of this step's sam/ values in Lightning's result collection
     _sam_perturbed: bool = False
     _sam_originals: dict[int, Tensor] | None = None  # during the second pass: id(tensor) -> its value at w
+    _sam_window: _Window | None = None  # with accumulate_grad_batches > 1: this window's (batch_idx, batch) so far
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -339,6 +353,15 @@ class SAMMixin:
             stepping = type(plugin).optimizer_step.__qualname__
             if stepping not in ("Precision.optimizer_step", "MixedPrecision.optimizer_step"):
                 rank_zero_warn(f"SAMMixin is untested with the precision plugin {type(plugin).__name__}.")
+            if (
+                self.trainer.accumulate_grad_batches > 1
+                and type(self).on_train_batch_start is not SAMMixin.on_train_batch_start
+            ):
+                rank_zero_warn(
+                    f"{type(self).__name__} overrides `on_train_batch_start`: with accumulate_grad_batches > 1 it "
+                    "must call `super().on_train_batch_start(batch, batch_idx)` (SAM keeps the window's micro-batches "
+                    "there)."
+                )
             if type(self).optimizer_step is not SAMMixin.optimizer_step:
                 rank_zero_warn(
                     f"{type(self).__name__} overrides `optimizer_step`: SAM steps happen only if it calls "
@@ -352,14 +375,13 @@ class SAMMixin:
                 "SAMMixin needs automatic optimization (`self.automatic_optimization = True`); with manual "
                 "optimization, turn `sam` off."
             )
-        if trainer.accumulate_grad_batches != 1:
-            raise ValueError(
-                "SAMMixin does not support `Trainer(accumulate_grad_batches > 1)` (got "
-                f"{trainer.accumulate_grad_batches}): the perturbation needs every micro-batch again at w + ε. "
-                "Use a larger batch, or DDP, instead."
-            )
         strategy = trainer.strategy
         names = {cls.__name__ for cls in type(strategy).__mro__}
+        if trainer.accumulate_grad_batches != 1 and "ModelParallelStrategy" in names:
+            raise ValueError(
+                "SAMMixin does not support `Trainer(accumulate_grad_batches > 1)` under ModelParallelStrategy "
+                f"(FSDP2) (got {trainer.accumulate_grad_batches}): use accumulate_grad_batches=1 there."
+            )
         supported = {"SingleDeviceStrategy", "DDPStrategy", "ModelParallelStrategy"}
         if names & set(UNSUPPORTED_STRATEGIES) or not names & supported:
             raise ValueError(
@@ -408,6 +430,20 @@ class SAMMixin:
         return state
 
     # ------------------------------------------------------------------------------------------- the step
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> Any:
+        """Lightning's hook: with ``accumulate_grad_batches > 1``, keeps a reference to each micro-batch of the
+        current window (SAM's second pass runs them again at ``w + ε``). A class that overrides it must call
+        ``super().on_train_batch_start(batch, batch_idx)``."""
+        trainer = getattr(self, "_trainer", None)
+        accumulate = getattr(trainer, "accumulate_grad_batches", 1) if trainer is not None else 1
+        if accumulate > 1:
+            if batch_idx % accumulate == 0 or self._sam_window is None:
+                self._sam_window = _Window()
+            self._sam_window.items.append((batch_idx, batch))
+        else:
+            self._sam_window = None
+        return super().on_train_batch_start(batch, batch_idx)
+
     def optimizer_step(
         self,
         epoch: int,
@@ -422,12 +458,31 @@ class SAMMixin:
             self._sam_check(self.trainer)
             if is_sam_step(self.trainer.global_step, self.sam_every_n_steps):
                 sam_step = True
-                optimizer_closure = partial(self._sam_closure, optimizer, optimizer_closure)
+                earlier = self._sam_earlier_micro_batches(batch_idx)
+                optimizer_closure = partial(self._sam_closure, optimizer, optimizer_closure, earlier)
             elif self.sam_reuse and self._sam_reuse_state is not None and self._sam_reuse_state.ready:
                 optimizer_closure = partial(self._sam_reuse_closure, optimizer, optimizer_closure)
         if self._sam_logged and not sam_step:
             self._sam_unlog()
-        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        try:
+            super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        finally:
+            self._sam_window = None  # the window ends with its optimizer step: let its micro-batches go
+
+    def _sam_earlier_micro_batches(self, batch_idx: int) -> list[tuple[int, Any]]:
+        """The micro-batches of this accumulation window before the current one (none without accumulation)."""
+        accumulate = self.trainer.accumulate_grad_batches
+        if accumulate == 1:
+            return []
+        window = self._sam_window.items if self._sam_window is not None else []
+        expected = list(range(batch_idx - batch_idx % accumulate, batch_idx + 1))
+        if [i for i, _ in window] != expected:
+            raise RuntimeError(
+                f"SAMMixin with accumulate_grad_batches={accumulate} needs every micro-batch of the window "
+                f"(batch_idx {expected}), but on_train_batch_start kept {[i for i, _ in window]}: a class that "
+                "overrides `on_train_batch_start` must call `super().on_train_batch_start(batch, batch_idx)`."
+            )
+        return window[:-1]
 
     def _sam_reuse_closure(self, optimizer: Any, closure: Callable[[], Any]) -> Any:
         loss = closure()
@@ -435,14 +490,16 @@ class SAMMixin:
             self._sam_reuse_state.apply(_params_with_grad(optimizer), self.sam_reuse_alpha)
         return loss
 
-    def _sam_closure(self, optimizer: Any, closure: Callable[[], Any]) -> Any:
+    def _sam_closure(self, optimizer: Any, closure: Callable[[], Any], earlier: Sequence[tuple[int, Any]] = ()) -> Any:
         trainer = self.trainer
         strategy = trainer.strategy
         per_rank = not self.sam_sync_first and trainer.world_size > 1 and _is_a(strategy, "ParallelStrategy")
         rho = rho_at(self._sam_rho, trainer.global_step)
         # a subset perturbed: the first pass needs the gradient of that subset only (every parameter steps with the
-        # second pass's), so the others stop requiring grad for it and backward skips their weight gradients
-        first_pass_only = self._sam_first_pass_params(optimizer, local=trainer.world_size == 1 or per_rank)
+        # second pass's), so the others stop requiring grad for it and backward skips their weight gradients (not
+        # under accumulation: the earlier micro-batches' first passes have already run with every gradient)
+        local = trainer.world_size == 1 or per_rank
+        first_pass_only = [] if earlier else self._sam_first_pass_params(optimizer, local=local)
         # first pass at w: Lightning's closure (training_step, zero_grad, backward, hooks, logging)
         try:
             for p in first_pass_only:
@@ -501,6 +558,8 @@ class SAMMixin:
         originals = {} if any(sharded) else {id(p): w for p, w in zip(chosen, saved, strict=True)}
         try:  # second pass at w + ε: gradient all-reduced under DDP, no logging, buffers kept
             with self._sam_second_pass(originals):
+                if earlier:  # accumulation: the window's earlier micro-batches at w + ε first, without the all-reduce
+                    self._sam_replay(optimizer, earlier)
                 if _is_a(closure, "AbstractClosure"):
                     perturbed_loss = closure.closure().loss  # keeps the first pass's result as the step's output
                 else:
@@ -518,8 +577,27 @@ class SAMMixin:
         if bad is not None:  # make GradScaler see the first pass's overflow: it skips the step
             _poison(params, bad)
         if norm is not None:  # outside the second pass: ``self.log`` is the user's again
-            self._sam_log_step(loss, perturbed_loss, norm, rho)
+            scale = trainer.accumulate_grad_batches  # Lightning's closure losses are divided by it
+            self._sam_log_step(loss, perturbed_loss, norm, rho, scale=scale)
         return loss
+
+    def _sam_replay(self, optimizer: Any, earlier: Sequence[tuple[int, Any]]) -> None:
+        """Zeroes the gradients, then runs ``training_step`` and ``backward`` (the strategy's: precision plugin,
+        hooks) on ``earlier`` micro-batches at the current (perturbed) weights, each loss divided by
+        ``accumulate_grad_batches`` as Lightning's own closure divides it; under DDP without the all-reduce (the
+        window's last backward, Lightning's closure, does it)."""
+        trainer = self.trainer
+        strategy = trainer.strategy
+        self.on_before_zero_grad(optimizer)
+        self.optimizer_zero_grad(trainer.current_epoch, earlier[0][0], optimizer)
+        blocking = strategy.block_backward_sync() if _is_a(strategy, "ParallelStrategy") else contextlib.nullcontext()
+        with blocking:
+            for batch_idx, batch in earlier:
+                output = strategy.training_step(batch, batch_idx)
+                loss = output.get("loss") if isinstance(output, Mapping) else output
+                if loss is None:  # training_step skipped this micro-batch: so does Lightning's first pass
+                    continue
+                strategy.backward(loss / trainer.accumulate_grad_batches, optimizer)
 
     def _sam_first_pass_params(self, optimizer: Any, *, local: bool) -> list[Tensor]:
         """The parameters that need no gradient in the first pass: those not perturbed, where the first pass's
@@ -532,13 +610,16 @@ class SAMMixin:
         perturbed = {id(p) for p in self._sam_selection.select(self, candidates)}
         return [p for p in candidates if id(p) not in perturbed] if perturbed else []
 
-    def _sam_log_step(self, loss: Tensor, perturbed_loss: Tensor | None, norm: Tensor, rho: float) -> None:
+    def _sam_log_step(
+        self, loss: Tensor, perturbed_loss: Tensor | None, norm: Tensor, rho: float, *, scale: int = 1
+    ) -> None:
         fx = getattr(self, "_current_fx_name", None)
         if fx is None or getattr(self, "_trainer", None) is None:  # not called by a Trainer: nothing to log to
             return
         values = {"sam/grad_norm": norm, "sam/rho": torch.full((), rho, device=norm.device)}
         if isinstance(loss, Tensor) and isinstance(perturbed_loss, Tensor):
-            values["sam/sharpness"] = perturbed_loss.detach() - loss.detach()
+            sharpness = perturbed_loss.detach() - loss.detach()
+            values["sam/sharpness"] = sharpness * scale if scale != 1 else sharpness
         for name, value in values.items():
             self.log(name, value, on_step=True, on_epoch=False)
         self._sam_logged = tuple(f"{fx}.{name}" for name in values)
@@ -575,6 +656,14 @@ class SAMMixin:
                 if saved:
                     with torch.no_grad():
                         torch._foreach_copy_([b for b, _ in saved], [c for _, c in saved])
+
+
+class _Window:
+    """The ``(batch_idx, batch)`` micro-batches of one accumulation window (an object, not a plain list, so that the
+    second pass's attribute guard neither copies nor compares it)."""
+
+    def __init__(self) -> None:
+        self.items: list[tuple[int, Any]] = []
 
 
 def _is_a(obj: object, class_name: str) -> bool:

@@ -26,15 +26,24 @@ x, y = x[:N], y[:N]
 def grad(net, xb, yb):
     return torch.autograd.grad(nn.functional.cross_entropy(net(xb), yb), list(net.parameters()))
 
-def reference(sync_first):
+def window_grad(net, windows):
+    # the gradient accumulated over a window of micro-batches, each loss divided by their number
+    total = None
+    for xb, yb in windows:
+        g = [gi / len(windows) for gi in grad(net, xb, yb)]
+        total = g if total is None else [a + b for a, b in zip(total, g)]
+    return total
+
+def reference(sync_first, accumulate=1, steps=STEPS):
     # Lightning gives a training loader DistributedSampler(shuffle=True, seed=$PL_GLOBAL_SEED or 0) under DDP
     seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
     order = [list(DistributedSampler(range(N), num_replicas=2, rank=r, shuffle=True, seed=seed)) for r in (0, 1)]
     net = copy.deepcopy(start).double()
     params = list(net.parameters())
-    for k in range(STEPS):
-        shards = [(x[o[B * k : B * (k + 1)]].double(), y[o[B * k : B * (k + 1)]]) for o in order]
-        gs = [grad(net, *s) for s in shards]
+    for k in range(steps):
+        micro = range(accumulate * k, accumulate * (k + 1))
+        shards = [[(x[o[B * i : B * (i + 1)]].double(), y[o[B * i : B * (i + 1)]]) for i in micro] for o in order]
+        gs = [window_grad(net, s) for s in shards]
         if sync_first:
             gs = [[(a + b) / 2 for a, b in zip(*gs)]] * 2
         g_sam = []
@@ -44,7 +53,7 @@ def reference(sync_first):
                 w = [p.clone() for p in params]
                 for p, gi in zip(params, g):
                     p.add_(RHO * gi / norm)
-            g_sam.append(grad(net, *s))
+            g_sam.append(window_grad(net, s))
             with torch.no_grad():
                 for p, wi in zip(params, w):
                     p.copy_(wi)
@@ -67,6 +76,18 @@ for sync_first in (False, True):
         "error": max((w - e).abs().max().item() for w, e in zip(weights, expected)),
         "global_step": trainer.global_step,
     }
+
+# gradient accumulation, 2 micro-batches per window, per-rank ε: SAM on each rank's whole window
+module = SAMDigits(lr=LR, sam=True, sam_rho=RHO, model=copy.deepcopy(start))
+trainer = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_steps=2, accumulate_grad_batches=2,
+                     default_root_dir=OUT, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                     enable_checkpointing=False)
+trainer.fit(module, train)
+weights = [p.detach() for p in module.net.parameters()]
+out["accumulate"] = {
+    "weights": [w.flatten().tolist() for w in weights],
+    "error": max((w - e).abs().max().item() for w, e in zip(weights, reference(False, 2, 2))),
+}
 
 # 16-mixed (CPU GradScaler): a first gradient that is non-finite on rank 0 only skips the step on both ranks
 from pytorch_lightning.plugins.precision import MixedPrecision
@@ -107,6 +128,8 @@ def test_ddp_sam_per_rank_perturbation_ranks_in_sync(tmp_path):
         assert r0[key]["global_step"] == 3
         # default: each rank's own ε (m-sharpness); sam_sync_first: the global gradient's ε
         assert r0[key]["error"] < 1e-6 and r1[key]["error"] < 1e-6  # measured 1.5e-8
+    assert r0["accumulate"]["weights"] == r1["accumulate"]["weights"]
+    assert r0["accumulate"]["error"] < 1e-6  # the second pass all-reduced once, after the window's last micro-batch
     for r in (r0, r1):  # rank 0's overflow skipped the step everywhere (GradScaler backed off once)
         assert r["fp16"] == {"scale": 2.0**9, "unchanged": True}
     default, synced = ([x for w in r0[k]["weights"] for x in w] for k in ("False", "True"))

@@ -438,15 +438,6 @@ def test_training_step_returning_none_skips_the_step(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------ configuration
-def test_accumulate_grad_batches_is_refused_at_setup(tmp_path):
-    module = SAMDigits(lr=LR, sam=True)
-    with pytest.raises(ValueError, match="accumulate_grad_batches"):
-        fit(module, tmp_path, steps=2, accumulate_grad_batches=2)
-    assert module.calls == 0
-    module = SAMDigits(lr=LR, sam=False)
-    assert fit(module, tmp_path, steps=2, accumulate_grad_batches=2).global_step == 2
-
-
 def test_manual_optimization_is_refused_at_setup(tmp_path):
     class Manual(SAMDigits):
         def __init__(self, **kwargs):

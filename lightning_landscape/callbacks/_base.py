@@ -186,6 +186,8 @@ class MeasurementCallback(*callback_bases()):
         self._siblings: list[MeasurementCallback] = []
         self._fixed_spent = 0.0  # with every_n_*: this fit's measuring, drawing, logging (the budget keeps its own)
         self._cost_estimate: float | None = None
+        self._checkpoint_step: int | None = None  # validate/test from a checkpoint: the step measurements log at
+        self._log_step: int | None = None  # while measuring post hoc: that step (None: the trainer's global_step)
 
     @property
     def _spent_seconds(self) -> float:
@@ -268,7 +270,11 @@ class MeasurementCallback(*callback_bases()):
             )
 
     def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict) -> None:
-        """Say so when the checkpoint holds this callback's state under other arguments (it is then not restored)."""
+        """Say so when the checkpoint holds this callback's state under other arguments (it is then not restored).
+        Under ``validate`` / ``test`` it notes the checkpoint's ``global_step``: the post-hoc measurement is logged
+        there (Lightning restores the weights, not the loops, so the trainer's own ``global_step`` is 0)."""
+        if _fn(trainer) != "fit":
+            self._checkpoint_step = checkpoint.get("global_step")
         saved = [k for k in checkpoint.get("callbacks", {}) if isinstance(k, str) and k.startswith(type(self).__name__)]
         if not saved or self.state_key in saved:
             return
@@ -454,12 +460,14 @@ class MeasurementCallback(*callback_bases()):
 
     def _measure_posthoc(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Under ``trainer.validate()`` / ``trainer.test()`` (no fit): one measurement on the first ``num_batches``
-        batches that loop evaluated, logged at the module's ``global_step`` (post-hoc use of a checkpoint)."""
+        batches that loop evaluated (post-hoc use of a checkpoint), logged at the checkpoint's ``global_step`` when
+        the loop loaded one (``ckpt_path=``), else at the trainer's."""
         batches, self._posthoc_batches = self._posthoc_batches, []
         if not batches:
             return
         saved = (self._probe, self._val_probe, self._val_taken, self._budget, self._last_step)
         self._probe, self._val_probe, self._val_taken, self._budget = batches, None, True, None
+        self._log_step = self._checkpoint_step
         try:
             rank_zero_info(
                 f"{type(self).__name__}: measuring once on {len(batches)} batch(es) of trainer.{_fn(trainer)}()."
@@ -467,6 +475,7 @@ class MeasurementCallback(*callback_bases()):
             self._run(trainer, pl_module)
         finally:
             self._probe, self._val_probe, self._val_taken, self._budget, self._last_step = saved
+            self._log_step = None
 
     # ------------------------------------------------------------------ schedule
     def on_train_batch_end(
@@ -689,7 +698,7 @@ class MeasurementCallback(*callback_bases()):
         metrics = {(k if "/" in k else f"{self.prefix}/{k}"): float(v) for k, v in scalars.items()}
         metrics[f"{self.prefix}/seconds"] = time.perf_counter() - start
         self.last_metrics = metrics
-        self._logger.log(trainer, metrics, figures)
+        self._logger.log(trainer, metrics, figures, step=self._log_step)
 
 
 def _fn(trainer: Trainer) -> str:

@@ -11,7 +11,8 @@ Example:
 
 from ._operator import DenseOperator, SymmetricOperator
 from ._params import ParamSpec, select_parameters
-from .eigen import EigenResult, hessian_eigenvalues, top_eigenvalues
+from .curvature import CURVATURES, OUTPUT_LOSSES, CurvatureOperator, curvature_operator
+from .eigen import WHICH, EigenResult, hessian_eigenvalues, top_eigenvalues
 from .hvp import HVP_METHODS, LossFn, LossOperator, MeasurementError, hvp
 from .sharpness import SharpnessResult, sharpness, sharpness_estimate
 from .surface import (
@@ -33,7 +34,11 @@ from .trace import (
 )
 
 __all__ = [
+    "CURVATURES",
     "HVP_METHODS",
+    "OUTPUT_LOSSES",
+    "WHICH",
+    "CurvatureOperator",
     "DenseOperator",
     "DensityResult",
     "EigenResult",
@@ -46,6 +51,7 @@ __all__ = [
     "SurfaceResult",
     "SymmetricOperator",
     "TraceResult",
+    "curvature_operator",
     "filter_normalize",
     "grid_coords",
     "hessian_density",

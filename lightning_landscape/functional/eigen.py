@@ -14,22 +14,29 @@ from ._lanczos import BlockLanczosRun, block_lanczos
 from ._operator import SymmetricOperator
 from ._random import make_generator
 from ._space import EUCLIDEAN, VectorSpace
-from .hvp import LossFn, LossOperator
+from .curvature import OutputFn, OutputLoss, curvature_operator
+from .hvp import LossFn
 
-__all__ = ["EigenResult", "hessian_eigenvalues", "top_eigenvalues"]
+__all__ = ["WHICH", "EigenResult", "hessian_eigenvalues", "top_eigenvalues"]
+
+#: Which end of the spectrum :func:`top_eigenvalues` finds (algebraic order: "smallest" is the most negative).
+WHICH = ("largest", "smallest", "both")
 
 
 @dataclass
 class EigenResult:
-    """Top-k eigenpairs, largest algebraic eigenvalue first.
+    """k eigenpairs at one or both ends of the spectrum (see ``which``).
 
     Attributes:
-        eigenvalues: ``[k]`` float64 tensor, descending.
-        eigenvectors: ``[k, numel]`` orthonormal rows in the operator's flat parameter order
-            (pass them back as ``init`` to warm-start the next estimate).
+        eigenvalues: float64 tensor. ``which="largest"``: ``[k]``, descending (largest algebraic first);
+            ``"smallest"``: ``[k]``, ascending (most negative first); ``"both"``: ``[2k]``, the ``k`` largest
+            descending, then the ``k`` smallest ascending (see :attr:`largest` and :attr:`smallest`).
+        eigenvectors: orthonormal rows in the operator's flat parameter order, one per eigenvalue
+            (pass them back as ``init`` to warm-start the next estimate, with the same ``which``).
         num_hvps: Hessian-vector products the solver used.
         converged: whether every requested eigenvalue met the tolerance.
         hvp_method: the product method that ran (see :data:`~lightning_landscape.functional.HVP_METHODS`).
+        which: the end(s) of the spectrum computed.
     """
 
     eigenvalues: Tensor
@@ -37,6 +44,37 @@ class EigenResult:
     num_hvps: int
     converged: bool
     hvp_method: str = ""
+    which: str = "largest"
+
+    @property
+    def largest(self) -> Tensor | None:
+        """The largest eigenvalues, descending (``None`` for ``which="smallest"``)."""
+        if self.which == "both":
+            return self.eigenvalues[: len(self.eigenvalues) // 2]
+        return self.eigenvalues if self.which == "largest" else None
+
+    @property
+    def smallest(self) -> Tensor | None:
+        """The smallest (most negative) eigenvalues, ascending (``None`` for ``which="largest"``)."""
+        if self.which == "both":
+            return self.eigenvalues[len(self.eigenvalues) // 2 :]
+        return self.eigenvalues if self.which == "smallest" else None
+
+
+class _Negated:
+    """``-A`` for a symmetric operator ``A``: its top eigenpairs are ``A``'s bottom ones, negated."""
+
+    def __init__(self, operator: SymmetricOperator) -> None:
+        self.operator = operator
+        self.size, self.dtype, self.device = operator.size, operator.dtype, operator.device
+        self.space = getattr(operator, "space", EUCLIDEAN)
+
+    @property
+    def method(self) -> str:
+        return getattr(self.operator, "method", "")
+
+    def matmat(self, vectors: Tensor) -> Tensor:
+        return -self.operator.matmat(vectors)
 
 
 def _error_bounds(theta: list[float], residuals: list[float], k: int) -> list[float]:
@@ -129,9 +167,7 @@ def _lanczos_top(
             for r, e, d, c in zip(res, bound, change, scale, strict=True)
         ]
         if b < k:  # b converged values equal to tol, ending before position k: another copy may belong in the top k
-            suspect = any(
-                top[i] - top[i + b - 1] <= tol * scale[i] and all(ok[i : i + b]) for i in range(k - b)
-            )
+            suspect = any(top[i] - top[i + b - 1] <= tol * scale[i] and all(ok[i : i + b]) for i in range(k - b))
         converged = all(ok) and not suspect
         return converged or suspect
 
@@ -150,8 +186,10 @@ def top_eigenvalues(
     max_hvps: int = 100,
     tol: float = 1e-3,
     generator: torch.Generator | None = None,
+    which: str = "largest",
 ) -> EigenResult:
-    """Largest-``k`` eigenpairs of a symmetric ``operator`` by block Lanczos with full reorthogonalization.
+    """Largest-``k`` (or smallest, or both) eigenpairs of a symmetric ``operator`` by block Lanczos (full
+    reorthogonalization).
 
     The block has ``b = min(k, 3)`` vectors (plain Lanczos for ``k = 1``); each step is one batched product
     of the block and counts ``b`` products. A block of ``b`` finds up to ``b`` copies of a repeated
@@ -172,13 +210,56 @@ def top_eigenvalues(
     Reductions over the parameters and random draws go through the operator's ``space`` (whole vectors by
     default; the local shards of a sharded operator, whose ``eigenvectors`` and ``init`` are then local rows).
 
+    ``which="smallest"`` runs the same solver on ``-A`` (the algebraically smallest eigenvalues, most negative
+    first: negative ones say the weights sit at a saddle); ``"both"`` runs it on ``A`` and on ``-A``, ``max_hvps``
+    each, and returns the ``k`` largest then the ``k`` smallest (``init``: a ``"both"`` result's eigenvectors, its
+    first half for the top, the second for the bottom). The stopping rule's floor is ``tol`` times the largest
+    Ritz magnitude, so the smallest eigenvalues are found to ``tol`` relative to the spectral radius: a Hessian's
+    bottom end, usually a cluster of tiny eigenvalues around 0, converges slowly and to that absolute accuracy;
+    read ``converged`` (``True`` only when both ends met the tolerance).
+
     Example:
         >>> from lightning_landscape.functional import DenseOperator
         >>> a = torch.diag(torch.tensor([5.0, 5.0, 3.0, 1.0, 0.5, 0.2]))
         >>> r = top_eigenvalues(DenseOperator(a), k=3)
         >>> [round(x, 4) for x in r.eigenvalues.tolist()], r.converged, r.num_hvps <= 6
         ([5.0, 5.0, 3.0], True, True)
+        >>> r = top_eigenvalues(DenseOperator(torch.diag(torch.tensor([4.0, 1.0, 0.5, -2.0]))), k=1, which="both")
+        >>> [round(x, 4) for x in r.eigenvalues.tolist()], [round(x, 4) for x in r.smallest.tolist()]
+        ([4.0, -2.0], [-2.0])
     """
+    if which not in WHICH:
+        raise ValueError(f"`which` must be one of {WHICH}, got {which!r}.")
+    if which == "largest":
+        return _top(operator, k, init, max_hvps, tol, generator)
+    generator = make_generator(generator)
+    if which == "smallest":
+        low = _top(_Negated(operator), k, init, max_hvps, tol, generator)
+        return EigenResult(-low.eigenvalues, low.eigenvectors, low.num_hvps, low.converged, low.hvp_method, which)
+    init_top = init_low = init
+    if init is not None and init.dim() == 2 and init.shape[0] >= 2:
+        init_top, init_low = init[: init.shape[0] // 2], init[init.shape[0] // 2 :]
+    high = _top(operator, k, init_top, max_hvps, tol, generator)
+    low = _top(_Negated(operator), k, init_low, max_hvps, tol, generator)
+    return EigenResult(
+        torch.cat([high.eigenvalues, -low.eigenvalues]),
+        torch.cat([high.eigenvectors, low.eigenvectors]),
+        high.num_hvps + low.num_hvps,
+        high.converged and low.converged,
+        high.hvp_method,
+        which,
+    )
+
+
+def _top(
+    operator: SymmetricOperator,
+    k: int,
+    init: Tensor | None,
+    max_hvps: int,
+    tol: float,
+    generator: torch.Generator | None,
+) -> EigenResult:
+    """The largest-``k`` eigenpairs (:func:`top_eigenvalues` with ``which="largest"``)."""
     n, dtype, device = operator.size, operator.dtype, torch.device(operator.device)
     space = getattr(operator, "space", EUCLIDEAN)
     if k < 1:
@@ -209,7 +290,7 @@ def top_eigenvalues(
 
 def hessian_eigenvalues(
     model: nn.Module,
-    loss_fn: LossFn,
+    loss_fn: LossFn | None,
     batches: Sequence[Any],
     k: int = 1,
     *,
@@ -220,21 +301,32 @@ def hessian_eigenvalues(
     generator: torch.Generator | None = None,
     hvp_method: str = "auto",
     eval_mode: bool = True,
+    which: str = "largest",
+    curvature: str = "hessian",
+    output_fn: OutputFn | None = None,
+    output_loss: str | OutputLoss | None = None,
+    mc_samples: int = 1,
 ) -> EigenResult:
-    """Top-``k`` eigenvalues (largest algebraic first) of the Hessian of the probe loss.
+    """Top-``k`` eigenvalues (largest algebraic first) of the Hessian of the probe loss, or of its GGN or Fisher.
 
     Args:
         model: any ``nn.Module``; left exactly as it was.
-        loss_fn: ``loss_fn(model, batch) -> scalar``.
+        loss_fn: ``loss_fn(model, batch) -> scalar`` (``None`` with the split loss ``output_loss``).
         batches: probe batches; the loss is their sample-weighted mean.
-        k: how many eigenvalues.
+        k: how many eigenvalues (at each end for ``which="both"``).
         params: parameters to differentiate (default: all with ``requires_grad``).
         init: ``[m, numel]`` vectors to warm-start from (last result's ``eigenvectors``).
-        max_hvps: product budget.
+        max_hvps: product budget (for each end with ``which="both"``).
         tol: relative eigenvalue error to stop at (see :func:`top_eigenvalues`).
-        generator: source of the random start block.
-        hvp_method: see :data:`~lightning_landscape.functional.HVP_METHODS`.
+        generator: source of the random start block (and of the Monte-Carlo Fisher's targets).
+        hvp_method: see :data:`~lightning_landscape.functional.HVP_METHODS` (``curvature="hessian"``).
         eval_mode: measure in eval mode.
+        which: ``"largest"``, ``"smallest"`` or ``"both"`` (see :func:`top_eigenvalues`).
+        curvature: ``"hessian"``, ``"ggn"``, ``"fisher"`` (Monte-Carlo) or ``"empirical_fisher"`` (see
+            :mod:`~lightning_landscape.functional.curvature`); all but the Hessian need the split loss.
+        output_fn: ``output_fn(model, batch) -> output`` (default ``model(batch[0])``).
+        output_loss: ``"cross_entropy"``, ``"mse"`` or a callable ``(output, batch) -> scalar``.
+        mc_samples: targets drawn per output unit for ``curvature="fisher"``.
 
     Example:
         >>> torch.manual_seed(0) and None
@@ -244,8 +336,18 @@ def hessian_eigenvalues(
         >>> r = hessian_eigenvalues(model, loss_fn, data, k=2)
         >>> r.eigenvalues.shape, r.eigenvectors.shape, r.converged
         (torch.Size([2]), torch.Size([2, 4]), True)
+        >>> g = hessian_eigenvalues(model, None, data, k=2, curvature="ggn", output_loss="mse")
+        >>> torch.allclose(g.eigenvalues, r.eigenvalues, rtol=1e-3)   # a linear model with MSE: GGN = Hessian
+        True
     """
-    with LossOperator(model, loss_fn, batches, params, hvp_method=hvp_method, eval_mode=eval_mode) as op:
-        result = top_eigenvalues(op, k, init=init, max_hvps=max_hvps, tol=tol, generator=generator)
+    if which not in WHICH:
+        raise ValueError(f"`which` must be one of {WHICH}, got {which!r}.")
+    if curvature == "fisher":  # one generator for the start block and the sampled targets
+        generator = make_generator(generator)
+    with curvature_operator(
+        model, loss_fn, batches, params, curvature=curvature, output_fn=output_fn, output_loss=output_loss,
+        hvp_method=hvp_method, eval_mode=eval_mode, mc_samples=mc_samples, generator=generator,
+    ) as op:  # fmt: skip
+        result = top_eigenvalues(op, k, init=init, max_hvps=max_hvps, tol=tol, generator=generator, which=which)
         result.num_hvps += op.probe_hvps  # what hvp_method='auto' spent choosing (0 when it was the first answer)
         return result

@@ -14,7 +14,8 @@ from ._lanczos import lanczos
 from ._operator import SymmetricOperator
 from ._random import make_generator
 from ._space import EUCLIDEAN
-from .hvp import LossFn, LossOperator
+from .curvature import OutputFn, OutputLoss, curvature_operator
+from .hvp import LossFn
 
 __all__ = [
     "DensityResult",
@@ -112,7 +113,7 @@ def trace_estimate(
 
 def hessian_trace(
     model: nn.Module,
-    loss_fn: LossFn,
+    loss_fn: LossFn | None,
     batches: Sequence[Any],
     num_hvps: int = 99,
     *,
@@ -121,8 +122,16 @@ def hessian_trace(
     generator: torch.Generator | None = None,
     hvp_method: str = "auto",
     eval_mode: bool = True,
+    curvature: str = "hessian",
+    output_fn: OutputFn | None = None,
+    output_loss: str | OutputLoss | None = None,
+    mc_samples: int = 1,
 ) -> TraceResult:
-    """Trace of the Hessian of the probe loss (Hutch++ by default, ``num_hvps`` products).
+    """Trace of the Hessian of the probe loss (Hutch++ by default, ``num_hvps`` products), or of its GGN or Fisher.
+
+    ``curvature``, ``output_fn``, ``output_loss``, ``mc_samples``: as in
+    :func:`~lightning_landscape.functional.eigen.hessian_eigenvalues` (``loss_fn=None`` with the split loss; the
+    ``generator`` also draws the Monte-Carlo Fisher's targets).
 
     Example:
         >>> torch.manual_seed(0) and None
@@ -133,8 +142,17 @@ def hessian_trace(
         >>> exact = (x.pow(2).sum() / 32 + 1).item()   # tr(XᵀX/n) + the bias term
         >>> abs(t.estimate - exact) < 1e-4
         True
+        >>> y = torch.randint(0, 3, (32,))
+        >>> ggn = hessian_trace(torch.nn.Linear(3, 3), None, [(x, y)], 12, curvature="ggn", output_loss="cross_entropy")
+        >>> ggn.hvp_method
+        'ggn/jvp'
     """
-    with LossOperator(model, loss_fn, batches, params, hvp_method=hvp_method, eval_mode=eval_mode) as op:
+    if curvature == "fisher":  # one generator for the probes and the sampled targets
+        generator = make_generator(generator)
+    with curvature_operator(
+        model, loss_fn, batches, params, curvature=curvature, output_fn=output_fn, output_loss=output_loss,
+        hvp_method=hvp_method, eval_mode=eval_mode, mc_samples=mc_samples, generator=generator,
+    ) as op:  # fmt: skip
         result = trace_estimate(op, num_hvps, method=method, generator=generator)
         result.num_hvps += op.probe_hvps  # the one product hvp_method='auto' spends choosing
         return result
@@ -201,7 +219,7 @@ def slq_density(
 
 def hessian_density(
     model: nn.Module,
-    loss_fn: LossFn,
+    loss_fn: LossFn | None,
     batches: Sequence[Any],
     *,
     num_probes: int = 4,
@@ -212,8 +230,13 @@ def hessian_density(
     generator: torch.Generator | None = None,
     hvp_method: str = "auto",
     eval_mode: bool = True,
+    curvature: str = "hessian",
+    output_fn: OutputFn | None = None,
+    output_loss: str | OutputLoss | None = None,
+    mc_samples: int = 1,
 ) -> DensityResult:
-    """Spectral density of the Hessian of the probe loss (SLQ; see :func:`slq_density`).
+    """Spectral density of the Hessian of the probe loss (SLQ; see :func:`slq_density`), or of its GGN or Fisher
+    (``curvature``, ``output_fn``, ``output_loss``, ``mc_samples``: see :func:`hessian_trace`).
 
     Example:
         >>> torch.manual_seed(0) and None
@@ -224,7 +247,12 @@ def hessian_density(
         >>> d.grid.shape == d.density.shape
         True
     """
-    with LossOperator(model, loss_fn, batches, params, hvp_method=hvp_method, eval_mode=eval_mode) as op:
+    if curvature == "fisher":
+        generator = make_generator(generator)
+    with curvature_operator(
+        model, loss_fn, batches, params, curvature=curvature, output_fn=output_fn, output_loss=output_loss,
+        hvp_method=hvp_method, eval_mode=eval_mode, mc_samples=mc_samples, generator=generator,
+    ) as op:  # fmt: skip
         result = slq_density(
             op, num_probes=num_probes, num_steps=num_steps, grid_size=grid_size, sigma=sigma, generator=generator
         )

@@ -17,7 +17,12 @@ from typing import TYPE_CHECKING, Any
 from lightning_landscape import functional
 
 if TYPE_CHECKING:
-    from lightning_landscape.callbacks import HessianCallback, LossLandscapeCallback, SharpnessCallback
+    from lightning_landscape.callbacks import (
+        HessianCallback,
+        LossLandscapeCallback,
+        SharpnessCallback,
+        TrajectoryCallback,
+    )
     from lightning_landscape.sam import SAMMixin
 
 __version__ = "0.1.0"
@@ -27,6 +32,7 @@ __all__ = [
     "LossLandscapeCallback",
     "SAMMixin",
     "SharpnessCallback",
+    "TrajectoryCallback",
     "__version__",
     "functional",
 ]
@@ -35,6 +41,7 @@ _LAZY = {
     "HessianCallback": "lightning_landscape.callbacks",
     "LossLandscapeCallback": "lightning_landscape.callbacks",
     "SharpnessCallback": "lightning_landscape.callbacks",
+    "TrajectoryCallback": "lightning_landscape.callbacks",
     "SAMMixin": "lightning_landscape.sam",
 }
 

@@ -3,7 +3,8 @@
 Scalars go through every logger's own ``log_metrics``. Images and notes need each logger's own API, so an adapter
 is chosen by the logger's class name (either Lightning package's loggers, and subclasses, match):
 
-- ``TensorBoardLogger``: images by ``add_image`` (the Images tab, a slider per tag), notes by ``add_text``;
+- ``TensorBoardLogger``: images by ``add_image`` (the Images tab, a slider per tag), notes by ``add_text``, meshes
+  (:meth:`LoggerAdapter.mesh`, loss surfaces to rotate in the browser) by ``add_mesh``: TensorBoard only;
 - ``WandbLogger``: images by its ``log_image`` (a W&B image under the tag, at the step), notes as a W&B table;
 - ``MLFlowLogger``: images by ``MlflowClient.log_image`` (key = tag, at the step; older MLflow: an artifact
   ``images/<tag>_step<N>.png``), notes by ``log_text`` as ``notes/<tag>_step<N>.txt``;
@@ -109,6 +110,31 @@ class LoggerAdapter:
 
     def _file_image(self, tag: str, image: np.ndarray, step: int) -> None:
         _png(_directory(self.logger) or ".", tag, step, image)
+
+    # ------------------------------------------------------------------------------------------------ meshes
+    def mesh(self, tag: str, vertices: np.ndarray, colors: np.ndarray, faces: np.ndarray, step: int) -> bool:
+        """Log a triangle mesh (``[1, N, 3]`` float vertices, ``[1, N, 3]`` uint8 colours, ``[1, F, 3]`` int faces,
+        e.g. from :func:`~lightning_landscape.plotting.surface_mesh`) to TensorBoard's mesh plugin (rotate and zoom
+        in the browser); other kinds of logger have no mesh view and get nothing. Returns whether it was logged.
+
+        Example:
+            >>> class CSVLogger:
+            ...     log_dir = "/tmp"
+            >>> adapter_for(CSVLogger()).mesh("landscape/surface_3d", None, None, None, step=0)
+            False
+        """
+        if self.kind != "tensorboard":
+            return False
+        import torch
+
+        self.logger.experiment.add_mesh(
+            tag,
+            vertices=torch.as_tensor(vertices),
+            colors=torch.as_tensor(colors),
+            faces=torch.as_tensor(faces),
+            global_step=step,
+        )
+        return True
 
     # ------------------------------------------------------------------------------------------------- notes
     def text(self, tag: str, text: str, step: int) -> None:

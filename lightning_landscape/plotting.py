@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
@@ -164,3 +166,145 @@ def line_figure(
     ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()
     return fig
+
+
+# ---------------------------------------------------------------------------------------------- trajectory plane
+__all__ += ["SurfaceMesh", "surface_mesh", "trajectory_figure"]
+
+
+class SurfaceMesh(NamedTuple):
+    """A triangle mesh for TensorBoard's mesh plugin (``add_mesh``): ``[1, N, 3]`` float32 vertices, ``[1, N, 3]``
+    uint8 colours, ``[1, F, 3]`` int32 faces."""
+
+    vertices: np.ndarray
+    colors: np.ndarray
+    faces: np.ndarray
+
+
+def trajectory_figure(
+    x: Tensor,
+    y: Tensor,
+    losses: Tensor,
+    path: Tensor,
+    steps: list[int] | None = None,
+    explained_variance: Tensor | None = None,
+    title: str = "Optimizer trajectory",
+    levels: int = 20,
+) -> Figure:
+    """The loss on the trajectory plane as contours, the path as a line of dots coloured by step (Li et al. 2018,
+    §7), the weights (the origin) marked; each axis labelled with the share of the path's variance it explains.
+
+    ``losses[i, j]`` is the loss at ``(x[i], y[j])`` (as
+    :func:`~lightning_landscape.functional.trajectory.trajectory_surface` returns it); ``path`` is ``[n, 2]``.
+    Log-scale colours when every finite loss is positive; non-finite points are masked.
+
+    Example:
+        >>> import torch
+        >>> x, y = torch.linspace(-2, 1, 7), torch.linspace(-1, 1, 5)
+        >>> z = 1 + x[:, None] ** 2 + y[None, :] ** 2
+        >>> path = torch.tensor([[-1.5, 0.5], [-0.5, -0.2], [0.0, 0.0]])
+        >>> fig = trajectory_figure(x, y, z, path, [0, 5, 10], torch.tensor([0.8, 0.15]))
+        >>> fig.axes[0].get_xlabel()
+        'direction 1 (80.0% of the path variance)'
+    """
+    from matplotlib.colors import LogNorm, Normalize
+
+    fig = Figure(figsize=(6.2, 4.8), dpi=100)
+    ax = fig.add_subplot()
+    xs = x.detach().double().cpu().numpy()
+    ys = y.detach().double().cpu().numpy()
+    z = losses.detach().double().cpu().numpy().T  # rows follow the vertical axis
+    masked = np.ma.masked_invalid(z)
+    rng = _finite_range(z)
+    if rng is None:
+        ax.text(0.5, 0.5, "no finite loss on the grid", ha="center", va="center", transform=ax.transAxes)
+    else:
+        vmin, vmax, log = rng
+        norm = LogNorm(vmin, vmax) if log else Normalize(vmin, vmax)
+        edges = np.geomspace(vmin, vmax, levels + 1) if log else np.linspace(vmin, vmax, levels + 1)
+        cs = ax.contourf(xs, ys, masked, levels=edges, norm=norm, cmap="viridis", alpha=0.9)
+        ax.contour(xs, ys, masked, levels=edges[::2], colors="white", linewidths=0.4, alpha=0.6)
+        ticks = np.geomspace(vmin, vmax, 5) if log else np.linspace(vmin, vmax, 5)
+        fig.colorbar(cs, ax=ax, ticks=ticks, format="%.3g", label="loss" + (" (log scale)" if log else ""))
+    p = path.detach().double().cpu().numpy()
+    order = np.asarray(steps if steps is not None else range(len(p)), dtype=np.float64)
+    ax.plot(p[:, 0], p[:, 1], color="white", lw=0.8, alpha=0.8)
+    dots = ax.scatter(p[:, 0], p[:, 1], c=order, cmap="autumn", s=14, zorder=3, edgecolors="black", linewidths=0.3)
+    fig.colorbar(dots, ax=ax, label="step", pad=0.02)
+    ax.plot([0.0], [0.0], marker="x", color="red", markersize=9, mew=2, zorder=4, label="θ (now)")
+    labels = []
+    for k in range(2):
+        share = "" if explained_variance is None else f" ({100 * float(explained_variance[k]):.1f}%"
+        labels.append(f"direction {k + 1}{share and share + ' of the path variance)'}")
+    ax.set_xlabel(labels[0])
+    ax.set_ylabel(labels[1])
+    ax.legend(loc="upper right", fontsize="small")
+    ax.set_title(title)
+    fig.tight_layout()
+    return fig
+
+
+def surface_mesh(
+    x: Tensor,
+    y: Tensor,
+    losses: Tensor,
+    markers: list[tuple[float, float]] | None = None,
+) -> SurfaceMesh:
+    """A loss surface as a triangle mesh for TensorBoard's mesh plugin: a :class:`SurfaceMesh` ``(vertices, colors,
+    faces)`` shaped ``[1, N, 3]`` (float32), ``[1, N, 3]`` (uint8) and ``[1, F, 3]`` (int32).
+
+    The vertex at ``(x[i], y[j])`` has height ``log10 losses[i, j]`` (the loss itself when some finite loss is
+    <= 0), rescaled so that the heights span half the wider horizontal extent (the vertical unit is arbitrary;
+    the colour, viridis over the same scale, reads the loss). Grid cells with a non-finite corner are left out.
+    Each of ``markers`` (default: the weights, ``(0, 0)``) is a small red pyramid standing on the surface.
+
+    Example:
+        >>> import torch
+        >>> c = torch.linspace(-1, 1, 3)
+        >>> v, col, f = surface_mesh(c, c, 1 + c[:, None] ** 2 + c[None, :] ** 2)
+        >>> v.shape, col.dtype, f.shape          # 9 grid vertices + 4 of the marker; 8 triangles + 4
+        ((1, 13, 3), dtype('uint8'), (1, 12, 3))
+    """
+    from matplotlib import colormaps
+
+    xs = x.detach().double().cpu().numpy()
+    ys = y.detach().double().cpu().numpy()
+    z = losses.detach().double().cpu().numpy()
+    finite = np.isfinite(z)
+    rng = _finite_range(z)
+    if rng is None:
+        height, lo, hi = np.zeros_like(z), 0.0, 1.0
+    else:
+        height = np.log10(np.where(finite, z, rng[0])) if rng[2] else np.where(finite, z, rng[0])
+        lo, hi = float(height.min()), float(height.max())
+    hi = hi if hi > lo else lo + 1.0
+    extent = max(float(xs.max() - xs.min()), float(ys.max() - ys.min()), 1e-12)
+    scaled = (height - lo) / (hi - lo)
+    grid_x, grid_y = np.meshgrid(xs, ys, indexing="ij")
+    vertices = [np.stack([grid_x, grid_y, scaled * 0.5 * extent], axis=-1).reshape(-1, 3)]
+    rgb = colormaps["viridis"](scaled.reshape(-1))[:, :3]
+    rgb[~finite.reshape(-1)] = 0.5
+    colors = [np.round(rgb * 255)]
+    nx, ny = z.shape
+    index = np.arange(nx * ny).reshape(nx, ny)
+    a, b, c, d = index[:-1, :-1], index[1:, :-1], index[1:, 1:], index[:-1, 1:]
+    ok = (finite[:-1, :-1] & finite[1:, :-1] & finite[1:, 1:] & finite[:-1, 1:]).reshape(-1)
+    quads = np.stack([a, b, c, d], axis=-1).reshape(-1, 4)[ok]
+    faces = [quads[:, [0, 1, 2]], quads[:, [0, 2, 3]]]
+    size = 0.03 * extent
+    start = nx * ny
+    for mx, my in [(0.0, 0.0)] if markers is None else markers:
+        i, j = int(np.abs(xs - mx).argmin()), int(np.abs(ys - my).argmin())  # at the nearest grid point's height
+        base = float(scaled[i, j]) * 0.5 * extent
+        vertices.append(
+            np.array([[mx, my, base + 3 * size], [mx - size, my - size, base], [mx + size, my - size, base],
+                      [mx, my + size, base]])
+        )  # fmt: skip
+        colors.append(np.tile([[255.0, 0.0, 0.0]], (4, 1)))
+        faces.append(start + np.array([[0, 1, 2], [0, 2, 3], [0, 3, 1], [1, 3, 2]]))
+        start += 4
+    return SurfaceMesh(
+        np.concatenate(vertices).astype(np.float32)[None],
+        np.concatenate(colors).astype(np.uint8)[None],
+        np.concatenate(faces).astype(np.int32)[None],
+    )

@@ -189,3 +189,29 @@ def test_ddp_ranks_agree_and_pool_probe_data(tmp_path):
     assert r0["own"] != pytest.approx(r0["pooled"][0], rel=1e-4) or r1["own"] != pytest.approx(
         r0["pooled"][0], rel=1e-4
     )
+
+
+def test_surface_3d_mesh_in_tensorboard(tmp_path):
+    """The 2D slice as a TensorBoard mesh: a vertex per grid point (plus θ's marker), at the grid's coordinates."""
+    from tensorboard.util import tensor_util
+
+    train, val = loaders(n_train=128, batch_size=64)
+    cb = LossLandscapeCallback(every_n_epochs=1, steps=5, steps_1d=5, loss_fn=cross_entropy)
+    trainer(tmp_path, [cb], max_epochs=1).fit(DigitsModule(lr=0.1), train, val)
+    acc = read_events(tmp_path)
+    events = acc.Tensors("landscape/surface_3d_VERTEX")
+    assert [e.step for e in events] == [2]
+    assert [e.step for e in acc.Tensors("landscape/surface_3d_FACE")] == [2]
+    vertices = tensor_util.make_ndarray(events[0].tensor_proto)[0]
+    assert vertices.shape == (25 + 4, 3)  # 5x5 grid, then the 4 corners of θ's marker
+    grid = torch.linspace(-1.0, 1.0, 5)
+    expected = torch.stack(torch.meshgrid(grid, grid, indexing="ij"), dim=-1).reshape(-1, 2)
+    assert torch.allclose(torch.from_numpy(vertices[:25, :2]), expected, atol=1e-6)
+    assert vertices[:25, 2].min() == 0.0  # the lowest loss of the slice sits at height 0
+
+
+def test_mesh_can_be_left_out(tmp_path):
+    train, _ = loaders(n_train=64, batch_size=64)
+    cb = LossLandscapeCallback(every_n_epochs=1, steps=3, steps_1d=3, loss_fn=cross_entropy, mesh=False)
+    trainer(tmp_path, [cb], max_epochs=1).fit(DigitsModule(lr=0.1), train)
+    assert "landscape/surface_3d_VERTEX" not in read_events(tmp_path).Tags()["tensors"]

@@ -8,7 +8,7 @@ from lightning_utilities.core.rank_zero import rank_zero_warn
 
 from lightning_landscape._lightning import Trainer
 from lightning_landscape.loggers import LoggerAdapter, adapter_for
-from lightning_landscape.plotting import figure_to_array
+from lightning_landscape.plotting import SurfaceMesh, figure_to_array
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -53,7 +53,7 @@ class MeasurementLogger:
         self,
         trainer: Trainer,
         scalars: dict[str, float],
-        figures: dict[str, Figure] | None = None,
+        figures: dict[str, Figure | SurfaceMesh] | None = None,
         step: int | None = None,
     ) -> None:
         figures = figures or {}
@@ -63,13 +63,17 @@ class MeasurementLogger:
         if not trainer.loggers:
             self.warn_once("no-logger", "the trainer has no logger; measurements are kept only in `last_metrics`.")
             return
-        images = {tag: figure_to_array(fig) for tag, fig in figures.items()}
+        # a SurfaceMesh goes to TensorBoard's mesh plugin (other loggers have no mesh view and skip it)
+        meshes = {tag: fig for tag, fig in figures.items() if isinstance(fig, SurfaceMesh)}
+        images = {tag: figure_to_array(fig) for tag, fig in figures.items() if tag not in meshes}
         for logger in trainer.loggers:
             if scalars:
                 logger.log_metrics(scalars, step=step)
             adapter = self._adapter(logger)
             for tag, image in images.items():
                 adapter.image(tag, image, step)
+            for tag, mesh in meshes.items():
+                adapter.mesh(tag, *mesh, step=step)
 
     def note(self, trainer: Trainer, tag: str, text: str) -> None:
         """A text note (e.g. which HVP method ran and why) to every logger."""

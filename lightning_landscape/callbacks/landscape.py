@@ -20,7 +20,7 @@ from lightning_landscape.functional.surface import (
     loss_line,
     loss_surface,
 )
-from lightning_landscape.plotting import line_figure, surface_figure
+from lightning_landscape.plotting import line_figure, surface_figure, surface_mesh
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -38,7 +38,9 @@ class LossLandscapeCallback(MeasurementCallback):
     when the trainer has a validation loader (a probe of it of the same size, taken once).
 
     Logged (under ``landscape/``): images ``surface_2d`` (filled contour and 3D surface, log-scale colour,
-    non-finite points masked) and ``slice_1d``; scalars ``center_loss`` (probe loss at the weights),
+    non-finite points masked) and ``slice_1d``; the 2D slice also as a TensorBoard mesh ``surface_3d`` (rotate and
+    zoom in the browser; log10 height, coloured by loss, θ marked; ``mesh=False`` leaves it out); scalars
+    ``center_loss`` (probe loss at the weights),
     ``rise_at_edge`` (mean loss increase on the 2D grid's outer ring over the centre, over finite points),
     ``nonfinite_fraction`` (of the 2D grid) and ``seconds``. Divergent grid points are NaN in the data and
     masked in the pictures; a scalar that cannot be finite (e.g. the centre itself diverged) is left out
@@ -66,6 +68,7 @@ class LossLandscapeCallback(MeasurementCallback):
         strict: raise instead of warning when a measurement fails.
         max_overhead: with neither schedule (the default), the share of the fit's wall time this callback
             may take; ``None`` shares 5% among the trainer's callbacks that use the default.
+        mesh: also log the 2D slice as a TensorBoard mesh (other loggers have no mesh view).
 
     Example:
         >>> cb = LossLandscapeCallback(every_n_epochs=1)
@@ -92,6 +95,7 @@ class LossLandscapeCallback(MeasurementCallback):
         seed: int = 0,
         strict: bool = False,
         max_overhead: float | None = None,
+        mesh: bool = True,
     ) -> None:
         super().__init__(
             every_n_train_steps=every_n_train_steps,
@@ -110,6 +114,8 @@ class LossLandscapeCallback(MeasurementCallback):
         self.steps_1d = steps_1d
         check_bool("include_1d", include_1d)
         check_bool("validation", validation)
+        check_bool("mesh", mesh)
+        self.mesh = mesh
         self.include_1d = include_1d
         self.validation = validation
         #: the raw (not normalized) directions ``[2, numel]`` on the CPU, drawn at the first frame.
@@ -183,6 +189,8 @@ class LossLandscapeCallback(MeasurementCallback):
             figures[f"{self.prefix}/surface_2d"] = surface_figure(
                 surface.coords, surface.losses, title=f"Loss surface, step {step}"
             )
+            if self.mesh:
+                figures[f"{self.prefix}/surface_3d"] = surface_mesh(surface.coords, surface.coords, surface.losses)
             figures[f"{self.prefix}/slice_1d"] = line_figure(
                 train_line.coords,
                 train_line.losses,

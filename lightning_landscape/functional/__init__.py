@@ -13,6 +13,7 @@ from ._operator import DenseOperator, SymmetricOperator
 from ._params import ParamSpec, select_parameters
 from .curvature import CURVATURES, OUTPUT_LOSSES, CurvatureOperator, curvature_operator
 from .eigen import WHICH, EigenResult, hessian_eigenvalues, top_eigenvalues
+from .export import save_surface
 from .hvp import HVP_METHODS, LossFn, LossOperator, MeasurementError, hvp
 from .sharpness import SharpnessResult, sharpness, sharpness_estimate
 from .surface import (
@@ -32,6 +33,14 @@ from .trace import (
     slq_density,
     trace_estimate,
 )
+from .trajectory import (
+    SnapshotStore,
+    TrajectoryPlane,
+    TrajectorySurface,
+    plane_grid,
+    trajectory_pca,
+    trajectory_surface,
+)
 
 __all__ = [
     "CURVATURES",
@@ -48,9 +57,12 @@ __all__ = [
     "MeasurementError",
     "ParamSpec",
     "SharpnessResult",
+    "SnapshotStore",
     "SurfaceResult",
     "SymmetricOperator",
     "TraceResult",
+    "TrajectoryPlane",
+    "TrajectorySurface",
     "curvature_operator",
     "filter_normalize",
     "grid_coords",
@@ -60,11 +72,15 @@ __all__ = [
     "hvp",
     "loss_line",
     "loss_surface",
+    "plane_grid",
     "random_directions",
+    "save_surface",
     "select_parameters",
     "sharpness",
     "sharpness_estimate",
     "slq_density",
     "top_eigenvalues",
     "trace_estimate",
+    "trajectory_pca",
+    "trajectory_surface",
 ]

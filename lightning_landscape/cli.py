@@ -7,7 +7,11 @@ Two subcommands (the console script ``lightning-landscape``, or ``python -m ligh
   data, and writes under ``--output``: TensorBoard logs with the callbacks' own tags, ``report.json`` (every
   number) and ``report.html`` (the pictures and the numbers);
 - ``compare``: the same measurements for several checkpoints on the same probe batches and the same random
-  directions, in one table (printed, and ``compare.json`` / ``compare.html``) and one figure.
+  directions, in one table (printed, and ``compare.json`` / ``compare.html``) and one figure;
+- ``trajectory``: the optimizer's path through checkpoints already saved (``ModelCheckpoint(every_n_epochs=1,
+  save_top_k=-1)``), on the plane of its top-2 principal directions around the last one (Li et al. 2018, §7):
+  ``trajectory.png``, the surface as ``.npz`` (and ``.vtu`` with meshio), TensorBoard image, mesh and scalars,
+  ``report.json`` / ``report.html``.
 
 The measurements are the callbacks' (``HessianCallback``, ``SharpnessCallback``, ``LossLandscapeCallback``) run
 through ``trainer.validate`` over the training loader, so their settings come from the config's
@@ -29,6 +33,7 @@ import argparse
 import copy
 import html
 import importlib
+import importlib.util
 import json
 import math
 import os
@@ -42,7 +47,7 @@ from typing import Any
 
 from lightning_landscape._lightning import NAMESPACES, default_namespace
 
-__all__ = ["MEASUREMENTS", "analyze", "build_parser", "compare", "main"]
+__all__ = ["MEASUREMENTS", "analyze", "build_parser", "compare", "main", "trajectory"]
 
 #: ``--measure`` names and the callback class each runs
 MEASUREMENTS = {
@@ -342,6 +347,133 @@ def compare(
     return reports
 
 
+def _checkpoints_in(ckpt_dir: str) -> list[tuple[int, Path, dict[str, Any]]]:
+    """``(global_step, path, state_dict)`` of every ``*.ckpt`` in ``ckpt_dir``, by step (then name)."""
+    import torch
+
+    paths = sorted(Path(ckpt_dir).glob("*.ckpt")) if Path(ckpt_dir).is_dir() else []
+    if len(paths) < 3:
+        raise SystemExit(
+            f"--ckpt_dir: a path needs at least 3 checkpoints, found {len(paths)} in {ckpt_dir!r} (save them with "
+            "ModelCheckpoint(every_n_epochs=1, save_top_k=-1))."
+        )
+    found = []
+    for path in paths:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+        found.append((int(checkpoint.get("global_step", 0)), path, checkpoint["state_dict"]))
+        del checkpoint
+    return sorted(found, key=lambda item: (item[0], item[1].name))
+
+
+def _probe_from(loader: Any, num_samples: int) -> list[Any]:
+    """The first batches of ``loader`` holding at least ``num_samples`` samples."""
+    from lightning_landscape.functional._batches import batch_size
+
+    batches, held = [], 0
+    for batch in loader:
+        batches.append(batch)
+        held += batch_size(batch)
+        if held >= num_samples:
+            break
+    return batches
+
+
+def trajectory(
+    config: str,
+    ckpt_dir: str,
+    output: str,
+    *,
+    overrides: Sequence[str] = (),
+    model_class: str | None = None,
+    datamodule_class: str | None = None,
+    num_samples: int = 256,
+    steps: int = 21,
+    margin: float = 0.2,
+    accelerator: str = "auto",
+    seed: int = 0,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """The path through the checkpoints in ``ckpt_dir`` on its PCA plane around the last one, with the training
+    loss (the module's ``training_step``) on that plane; writes the picture, the surface, TensorBoard logs and a
+    report under ``output`` and returns the report. Snapshots go to ``output/snapshots`` (on disk, not in memory)."""
+    import torch
+    from tqdm.auto import tqdm
+
+    from lightning_landscape._user_state import invisible_user_code
+    from lightning_landscape.callbacks._base import training_step_loss
+    from lightning_landscape.functional import ParamSpec, save_surface
+    from lightning_landscape.functional._batches import apply_to_tensors
+    from lightning_landscape.functional.trajectory import SnapshotStore, trajectory_pca, trajectory_surface
+    from lightning_landscape.loggers import adapter_for
+    from lightning_landscape.plotting import figure_to_array, surface_mesh, trajectory_figure
+
+    model, datamodule, _, ns = load_from_config(config, overrides, model_class, datamodule_class)
+    if accelerator not in ("auto", "cpu", "gpu", "cuda"):
+        raise SystemExit(f"--accelerator: trajectory runs on 'cpu', 'gpu' or 'auto', got {accelerator!r}.")
+    want_gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+    device = torch.device("cuda" if want_gpu else "cpu")
+    out = Path(output)
+    out.mkdir(parents=True, exist_ok=True)
+    checkpoints = _checkpoints_in(ckpt_dir)
+    model.to(device)
+    spec = ParamSpec(model)
+    store = SnapshotStore(out / "snapshots")
+    start = time.perf_counter()
+    for step, _, state in tqdm(checkpoints, desc="snapshots", unit="checkpoint", disable=not progress, leave=False):
+        model.load_state_dict(state)
+        store.add(spec.parameter_vector(), step)
+    plane = trajectory_pca(store, spec.parameter_vector())  # around the last checkpoint, which the model now holds
+    if datamodule is not None:
+        datamodule.setup("fit")
+        loader = datamodule.train_dataloader()
+    else:
+        loader = model.train_dataloader()
+    ns.seed_everything(seed, verbose=False)
+    batches = [apply_to_tensors(b, lambda t: t.to(device)) for b in _probe_from(loader, num_samples)]
+    if progress:
+        tqdm.write(f"lightning-landscape: {steps}x{steps} grid on {len(batches)} probe batch(es)")
+    with invisible_user_code(model):
+        surface = trajectory_surface(model, training_step_loss, batches, plane, steps=steps, margin=margin)
+    figure = trajectory_figure(
+        surface.x, surface.y, surface.losses, plane.coords, plane.steps, plane.explained_variance,
+        title=f"Optimizer trajectory through {len(plane.steps)} checkpoints",
+    )  # fmt: skip
+    figure.savefig(out / "trajectory.png", dpi=100)
+    written = [save_surface(surface, out / "trajectory.npz")]
+    if importlib.util.find_spec("meshio") is not None:
+        written.append(save_surface(surface, out / "trajectory.vtu"))
+    variance = [float(v) for v in plane.explained_variance]
+    last = plane.steps[-1]
+    metrics = {
+        "landscape/trajectory_explained_variance_1": variance[0],
+        "landscape/trajectory_explained_variance_2": variance[1],
+        "landscape/trajectory/seconds": time.perf_counter() - start,
+    }
+    tensorboard = ns.loggers.TensorBoardLogger(str(out), name="tensorboard", version="")
+    tensorboard.log_metrics(metrics, step=last)
+    adapter = adapter_for(tensorboard)
+    adapter.image("landscape/trajectory", figure_to_array(figure), last)
+    adapter.mesh("landscape/trajectory_3d", *surface_mesh(surface.x, surface.y, surface.losses), step=last)
+    tensorboard.finalize("success")
+    report = {
+        "ckpt_dir": ckpt_dir,
+        "config": config,
+        "checkpoints": [str(p) for _, p, _ in checkpoints],
+        "steps": list(plane.steps),
+        "global_step": last,
+        "metrics": metrics,
+        "images": {"landscape/trajectory": "trajectory.png"},
+        "surface": [str(Path(p).relative_to(out)) for p in written],
+        "notes": {},
+        "name": "trajectory",
+    }
+    (out / "report.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
+    (out / "report.html").write_text(
+        _html(f"lightning-landscape: trajectory of {ckpt_dir}", [report]), encoding="utf-8"
+    )
+    return report
+
+
 def _short_names(paths: Sequence[str]) -> list[str]:
     stems = [Path(p).stem for p in paths]
     if len(set(stems)) == len(stems):
@@ -441,6 +573,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("ckpt_paths", nargs="+", help="checkpoints to compare")
     c.add_argument("--names", help="comma-separated labels, one per checkpoint")
     _common(c)
+    t = sub.add_parser("trajectory", help="the path through saved checkpoints on its PCA plane")
+    t.add_argument("--ckpt_dir", required=True, help="folder of the run's checkpoints (at least 3)")
+    t.add_argument("--steps", type=int, default=21, help="grid points per axis of the plane")
+    t.add_argument("--margin", type=float, default=0.2, help="grid beyond the path, as a share of its span")
+    _common(t)
     return parser
 
 
@@ -455,6 +592,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"--num_samples must be >= 1, got {args.num_samples}")
     if args.devices < 1:
         parser.error(f"--devices must be >= 1, got {args.devices}")
+    if args.command == "trajectory":
+        if args.devices != 1:
+            parser.error("--devices: trajectory runs on one device")
+        report = trajectory(
+            args.config, args.ckpt_dir, args.output, overrides=overrides, model_class=args.model_class,
+            datamodule_class=args.datamodule_class, num_samples=args.num_samples, steps=args.steps,
+            margin=args.margin, accelerator=args.accelerator, seed=args.seed, progress=not args.no_progress,
+        )  # fmt: skip
+        print(table([report]))
+        print(
+            f"\nReport: {os.path.join(args.output, 'report.html')}  (TensorBoard: tensorboard --logdir {args.output})"
+        )
+        return 0
     measure = _parse_measure(args.measure)
     kwargs = dict(
         overrides=overrides,

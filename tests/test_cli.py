@@ -101,3 +101,41 @@ def test_bad_arguments_say_what_is_accepted(tmp_path):
 def test_console_script_module_runs():
     done = subprocess.run([sys.executable, "-m", "lightning_landscape.cli", "--help"], capture_output=True, text=True)
     assert done.returncode == 0 and "analyze" in done.stdout and "compare" in done.stdout
+
+
+def test_trajectory_through_saved_checkpoints(checkpoints, tmp_path):
+    import numpy as np
+
+    ckpt_dir = str(Path(checkpoints[0]).parent)
+    out = tmp_path / "traj"
+    args = ["trajectory", "--config", CONFIG, "--ckpt_dir", ckpt_dir, "--output", str(out), "--steps", "5"]
+    assert cli.main([*args, "--no_progress"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["steps"] == [4, 8, 12, 16]  # the four checkpoints, by global step
+    # explained variance: a dense PCA of the centred differences from the last checkpoint
+    flats = []
+    for path in report["checkpoints"]:
+        state = torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
+        flats.append(
+            torch.cat(
+                [state[k].reshape(-1).double() for k in ("net.0.weight", "net.0.bias", "net.2.weight", "net.2.bias")]
+            )
+        )
+    diffs = torch.stack(flats) - flats[-1]
+    diffs = (diffs - diffs.mean(0)).numpy()
+    s = np.linalg.svd(diffs, compute_uv=False) ** 2
+    for i in (1, 2):
+        value = report["metrics"][f"landscape/trajectory_explained_variance_{i}"]
+        assert value == pytest.approx(s[i - 1] / s.sum(), abs=1e-6)
+    saved = np.load(out / "trajectory.npz")
+    assert saved["losses"].shape == (5, 5) and np.isfinite(saved["losses"]).all()
+    assert (out / "trajectory.png").stat().st_size > 1000 and "trajectory.png" in (out / "report.html").read_text()
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(out / "tensorboard")).Reload()
+    assert [e.step for e in events.Scalars("landscape/trajectory_explained_variance_1")] == [16]
+
+
+def test_trajectory_needs_three_checkpoints(checkpoints, tmp_path):
+    with pytest.raises(SystemExit, match="at least 3 checkpoints, found 0"):
+        cli.main(["trajectory", "--config", CONFIG, "--ckpt_dir", str(tmp_path), "--no_progress"])

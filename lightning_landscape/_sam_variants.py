@@ -13,7 +13,6 @@ Nothing here imports Lightning.
 
 from __future__ import annotations
 
-import fnmatch
 import functools
 import math
 import weakref
@@ -23,6 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lightning_landscape.functional._params import match_parameters
 from lightning_landscape.functional._perturbation import _times_scalar_tensor
 
 __all__ = [
@@ -181,21 +181,22 @@ class ParamSelection:
         """Whether every parameter is selected (``None``)."""
         return self.spec is None
 
-    def _selects(self, module: nn.Module) -> list[tuple[str, Tensor, bool]]:
+    def _selects(self, module: nn.Module) -> tuple[list[tuple[str, Tensor, bool]], list[str]]:
+        """``(name, parameter, selected)`` for every parameter, and the patterns that matched none."""
         named = list(module.named_parameters())
         spec = self.spec
         if spec is None:
-            return [(n, p, True) for n, p in named]
+            return [(n, p, True) for n, p in named], []
         if spec == "norm":
             norm = {id(p) for m in module.modules() if is_norm_layer(m) for p in m.parameters(recurse=False)}
-            return [(n, p, id(p) in norm) for n, p in named]
-        if callable(spec):
-            return [(n, p, bool(spec(n, p))) for n, p in named]
-        return [(n, p, any(fnmatch.fnmatchcase(n, pattern) for pattern in spec)) for n, p in named]
+            return [(n, p, id(p) in norm) for n, p in named], []
+        # names, globs and predicates: the package's one selection rule (functional/_params.py)
+        selected, unmatched = match_parameters(named, spec, model=module, argument="sam_params")
+        return [(n, p, s) for (n, p), s in zip(named, selected, strict=True)], unmatched
 
     def resolve(self, module: nn.Module) -> list[str]:
         """Resolves the choice against ``module`` and returns the selected names; a ``ValueError`` if none is."""
-        selects = self._selects(module)
+        selects, unmatched = self._selects(module)
         chosen = [n for n, _, s in selects if s]
         if not chosen:
             names = ", ".join(repr(n) for n, _, _ in selects[:5]) + (", ..." if len(selects) > 5 else "")
@@ -206,9 +207,7 @@ class ParamSelection:
                 f"{type(module).__name__}" + (f" (names: {names})." if selects else ".")
             )
         self._known = {id(p): (weakref.ref(p), s) for _, p, s in selects}
-        if isinstance(self.spec, tuple):
-            names = [n for n, _, _ in selects]
-            self.unmatched = [s for s in self.spec if not any(fnmatch.fnmatchcase(n, s) for n in names)]
+        self.unmatched = unmatched
         return chosen
 
     def names(self, module: nn.Module) -> list[str]:

@@ -197,3 +197,35 @@ def test_kinds_error_lists_the_accepted_values():
         SharpnessCallback(every_n_epochs=1, kinds=["flatness_l2"])
     message = str(info.value)
     assert all(word in message for word in ("worst_case", "average_case", "keskar", "l2", "linf", "flatness_l2"))
+
+
+def test_blocks_measure_each_block_alone(tmp_path):
+    """``blocks="module"`` on DigitsModule (its network in ``self.net``): the network's layers are the blocks, and
+    each block's worst case is the functional one with only that block's parameters perturbed."""
+    train, _ = loaders(n_train=128, batch_size=32)
+    cb = SharpnessCallback(every_n_epochs=1, kinds=["worst_case_l2"], num_batches=2, blocks="module")
+    module = DigitsModule(lr=0.2)
+    trainer(tmp_path, [cb], max_epochs=1).fit(module, train)
+    assert cb._block_params == {"0": ["net.0.weight", "net.0.bias"], "2": ["net.2.weight", "net.2.bias"]}
+    whole = cb.last_metrics["sharpness/worst_case_l2"]
+    for block, names in cb._block_params.items():
+        expected = sharpness(module, cross_entropy, cb._probe, 0.05, params=names)
+        assert cb.last_metrics[f"sharpness/{block}/worst_case_l2"] == pytest.approx(expected, rel=1e-4)
+        assert 0 < expected < whole  # a ball in fewer coordinates reaches less high
+    assert f"sharpness/{next(iter(cb._block_params))}/worst_case_l2" in read_events(tmp_path).Tags()["scalars"]
+
+
+@pytest.mark.parametrize(
+    ("blocks", "match"),
+    [("layers", "`blocks` must be None, one of"), ({"head": 3}, r"`blocks`\['head'\] must be"), ({}, "`blocks`")],
+)
+def test_bad_blocks_are_refused_when_built(blocks, match):
+    with pytest.raises(ValueError, match=match):
+        SharpnessCallback(blocks=blocks)
+
+
+def test_blocks_pattern_matching_nothing_is_refused_at_fit_start(tmp_path):
+    train, _ = loaders(n_train=64, batch_size=32)
+    cb = SharpnessCallback(every_n_epochs=1, num_batches=1, blocks={"encoder": "encoder.*"})
+    with pytest.raises(ValueError, match=r"SharpnessCallback: `blocks`.*encoder"):
+        trainer(tmp_path, [cb], max_epochs=1).fit(DigitsModule(), train)

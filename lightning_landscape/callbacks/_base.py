@@ -44,6 +44,8 @@ FIGURE_SECONDS = 0.2
 #: The default probe size in samples: large enough that repeated measurements on the same weights agree to a few
 #: percent (λ1 within 5–9%, trace 5–8% on the quickstart's CNN; see ``num_samples``).
 DEFAULT_PROBE_SAMPLES = 256
+
+
 def check_positive_int(name: str, value: object, allow_none: bool = False) -> None:
     """Raise a ``ValueError`` naming ``name`` unless ``value`` is an int >= 1 (or ``None`` if allowed)."""
     if value is None and allow_none:
@@ -387,9 +389,7 @@ class MeasurementCallback(*callback_bases()):
         if self._budget is not None:
             self._budget.start(time.perf_counter(), trainer.global_step)
 
-    def on_train_batch_start(
-        self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int
-    ) -> None:
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         collecting = self._collecting
         if collecting is not None:
             collecting.append(copy_batch(batch))
@@ -595,17 +595,25 @@ class MeasurementCallback(*callback_bases()):
 
         return reduce_sum
 
-    def operator(self, trainer: Trainer, pl_module: LightningModule, batches: Sequence[Any]) -> LossOperator:
-        """A loss operator over ``batches`` for the module, reducing across processes under DDP; for an FSDP2-sharded
-        module (``ModelParallelStrategy``) the sharded operator (local shards, finite-difference products)."""
+    def operator(
+        self,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        batches: Sequence[Any],
+        params: Sequence[str] | None = None,
+    ) -> LossOperator:
+        """A loss operator over ``batches`` for the module (``params``: those parameters only; default all that
+        require grad), reducing across processes under DDP; for an FSDP2-sharded module (``ModelParallelStrategy``)
+        the sharded operator (local shards, finite-difference products)."""
         if is_sharded(pl_module):
             return ShardedLossOperator(
-                pl_module, self.resolved_loss_fn, batches, hvp_method=self.hvp_method, eval_mode=self.eval_mode
+                pl_module, self.resolved_loss_fn, batches, params, hvp_method=self.hvp_method, eval_mode=self.eval_mode
             )
         return LossOperator(
             pl_module,
             self.resolved_loss_fn,
             batches,
+            params,
             hvp_method=self.hvp_method,
             auto_method=self._resolved_method if self.hvp_method == "auto" else None,
             eval_mode=self.eval_mode,

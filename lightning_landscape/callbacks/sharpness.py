@@ -7,6 +7,9 @@ from typing import TYPE_CHECKING
 
 from lightning_landscape._lightning import LightningModule, Trainer
 from lightning_landscape.callbacks._base import LossFn, MeasurementCallback, check_bool
+from lightning_landscape.callbacks._blocks import BlocksArg, check_blocks, resolve_blocks
+from lightning_landscape.functional._sharded import is_sharded
+from lightning_landscape.functional.hvp import LossOperator
 from lightning_landscape.functional.sharpness import KINDS, NORMS, check_sharpness_args, sharpness_estimate
 
 if TYPE_CHECKING:
@@ -108,6 +111,13 @@ class SharpnessCallback(MeasurementCallback):
         strict: raise instead of warning when a measurement fails.
         max_overhead: with neither schedule (the default), the share of the fit's wall time this callback
             may take; ``None`` shares 5% among the trainer's callbacks that use the default.
+        blocks: also measure each block of parameters alone (the others held fixed): ``"module"`` (the
+            network's top-level modules), ``"layer"`` (every module that owns parameters), ``"parameter"``, or a
+            mapping ``{block name: names / glob patterns / predicate}`` (see
+            :mod:`lightning_landscape.callbacks._blocks` for how the network is found inside the module). Logged as
+            ``sharpness/<block>/<kind>_<norm>[_adaptive]``; the radius is the same ``rho`` (for adaptive kinds it
+            scales with the block's own weights). Each block costs what the whole-model measures cost again; at
+            most 32 blocks.
 
     Example:
         >>> cb = SharpnessCallback(every_n_epochs=1, rho=0.1, kinds=["worst_case_l2", ("keskar", "linf")])
@@ -135,6 +145,7 @@ class SharpnessCallback(MeasurementCallback):
         seed: int = 0,
         strict: bool = False,
         max_overhead: float | None = None,
+        blocks: BlocksArg = None,
     ) -> None:
         super().__init__(
             every_n_train_steps=every_n_train_steps,
@@ -174,6 +185,22 @@ class SharpnessCallback(MeasurementCallback):
         self.eta = float(eta)
         check_bool("generalization", generalization)
         self.generalization = generalization
+        self.blocks = check_blocks(blocks)
+        self._block_params: dict[str, list[str]] | None = None
+
+    def check_model(self, pl_module: LightningModule) -> None:
+        super().check_model(pl_module)
+        if self.blocks is not None:
+            if is_sharded(pl_module):
+                raise ValueError("SharpnessCallback: `blocks` is not supported for a sharded (FSDP2) module.")
+            self._block_params = resolve_blocks(pl_module, self.blocks, type(self).__name__)
+
+    def _blocks_of(self, pl_module: LightningModule) -> dict[str, list[str]]:
+        if self.blocks is None:
+            return {}
+        if self._block_params is None:  # measuring post hoc (validate/test): no fit start
+            self.check_model(pl_module)
+        return self._block_params or {}
 
     @property
     def needs_val_probe(self) -> bool:
@@ -181,34 +208,41 @@ class SharpnessCallback(MeasurementCallback):
 
     def work_in_gradients(self) -> float:
         work = 2.0 if self.generalization else 0.0  # train and validation losses
-        for kind, _, _ in self.specs:
-            work += 2 * self.samples / 3.0 if kind == "average_case" else self.steps + 1
-        return work
+        per_run = sum(2 * self.samples / 3.0 if kind == "average_case" else self.steps + 1 for kind, _, _ in self.specs)
+        blocks = len(self._block_params or {}) if self.blocks is not None else 0
+        return work + per_run * (1 + blocks)
 
     @property
     def tags(self) -> list[str]:
         """The scalar names of the sharpness measures, ``<kind>_<norm>[_adaptive]``, in order."""
         return list(self._tags)
 
+    def _estimates(self, op: LossOperator, prefix: str = "") -> dict[str, float]:
+        scalars = {}
+        for (kind, norm, adaptive), tag in zip(self.specs, self._tags, strict=True):
+            result = sharpness_estimate(
+                op,
+                self.radii[tag],
+                kind=kind,
+                norm=norm,
+                adaptive=adaptive,
+                eta=self.eta,
+                steps=self.steps,
+                samples=self.samples,
+                generator=self.generator,
+            )
+            scalars[prefix + result.tag] = result.value
+        return scalars
+
     def measure(self, trainer: Trainer, pl_module: LightningModule) -> tuple[dict[str, float], dict[str, Figure]]:
-        scalars: dict[str, float] = {}
         with self.operator(trainer, pl_module, self._probe) as op:
-            for (kind, norm, adaptive), tag in zip(self.specs, self._tags, strict=True):
-                result = sharpness_estimate(
-                    op,
-                    self.radii[tag],
-                    kind=kind,
-                    norm=norm,
-                    adaptive=adaptive,
-                    eta=self.eta,
-                    steps=self.steps,
-                    samples=self.samples,
-                    generator=self.generator,
-                )
-                scalars[result.tag] = result.value
+            scalars = self._estimates(op)
             weight_norm = float(op.space.norm(op.parameter_vector().double()))
             train_loss = op.loss() if self.generalization else None
         scalars["weight_norm"] = weight_norm
+        for block, names in self._blocks_of(pl_module).items():
+            with self.operator(trainer, pl_module, self._probe, params=names) as op:
+                scalars.update(self._estimates(op, prefix=f"{self.prefix}/{block}/"))
         if self.generalization:
             val_batches = self.val_probe(trainer)
             if val_batches:

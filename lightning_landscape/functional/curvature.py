@@ -38,6 +38,7 @@ import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ._params import ParamsArg
 from ._random import make_generator
 from ._sharded import is_sharded
 from ._space import EUCLIDEAN, VectorSpace
@@ -125,7 +126,7 @@ class CurvatureOperator(LossOperator):
         self,
         model: nn.Module,
         batches: Sequence[Any],
-        params: Sequence[Tensor | str] | None = None,
+        params: ParamsArg = None,
         *,
         curvature: str = "ggn",
         output_fn: OutputFn | None = None,
@@ -407,7 +408,7 @@ def curvature_operator(
     model: nn.Module,
     loss_fn: LossFn | None,
     batches: Sequence[Any],
-    params: Sequence[Tensor | str] | None = None,
+    params: ParamsArg = None,
     *,
     curvature: str = "hessian",
     output_fn: OutputFn | None = None,

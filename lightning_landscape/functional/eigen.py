@@ -12,6 +12,7 @@ from torch import Tensor, nn
 
 from ._lanczos import BlockLanczosRun, block_lanczos
 from ._operator import SymmetricOperator
+from ._params import ParamsArg
 from ._random import make_generator
 from ._space import EUCLIDEAN, VectorSpace
 from .curvature import OutputFn, OutputLoss, curvature_operator
@@ -294,7 +295,7 @@ def hessian_eigenvalues(
     batches: Sequence[Any],
     k: int = 1,
     *,
-    params: Sequence[Tensor | str] | None = None,
+    params: ParamsArg = None,
     init: Tensor | None = None,
     max_hvps: int = 100,
     tol: float = 1e-3,
@@ -314,7 +315,9 @@ def hessian_eigenvalues(
         loss_fn: ``loss_fn(model, batch) -> scalar`` (``None`` with the split loss ``output_loss``).
         batches: probe batches; the loss is their sample-weighted mean.
         k: how many eigenvalues (at each end for ``which="both"``).
-        params: parameters to differentiate (default: all with ``requires_grad``).
+        params: parameters to differentiate: tensors, names, glob patterns, a predicate ``(name, tensor) -> bool``
+            or a submodule (see :func:`~lightning_landscape.functional.select_parameters`); default: all with
+            ``requires_grad``.
         init: ``[m, numel]`` vectors to warm-start from (last result's ``eigenvectors``).
         max_hvps: product budget (for each end with ``which="both"``).
         tol: relative eigenvalue error to stop at (see :func:`top_eigenvalues`).

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from ._batches import apply_to_tensors, batch_size, clone_if_inference, scalar_loss, split_batch
-from ._params import ParamSpec, compute_dtype
+from ._params import ParamsArg, ParamSpec, compute_dtype
 from ._sharded import ShardedLossOperator, is_sharded
 
 __all__ = ["HVP_METHODS", "LossFn", "LossOperator", "MeasurementError", "hvp", "leaked_parameters"]
@@ -247,7 +247,7 @@ class LossOperator:
         model: nn.Module,
         loss_fn: LossFn,
         batches: Sequence[Any],
-        params: Sequence[Tensor | str] | None = None,
+        params: ParamsArg = None,
         *,
         hvp_method: str = "auto",
         eval_mode: bool = True,
@@ -870,9 +870,7 @@ class LossOperator:
         if self._auto:
             self._method = ("finite_difference", False)
             self._graphs.clear()  # (double backward's graphs: no longer needed)
-            self.product_check = (
-                f"{_method_name(name, math_sdpa)} failed the check ({figures}); now finite_difference"
-            )
+            self.product_check = f"{_method_name(name, math_sdpa)} failed the check ({figures}); now finite_difference"
         else:
             self.product_check = f"{_method_name(name, math_sdpa)} failed the check ({figures})"
             warnings.warn(
@@ -1023,7 +1021,7 @@ def hvp(
     loss_fn: LossFn,
     batches: Sequence[Any],
     vectors: Tensor,
-    params: Sequence[Tensor | str] | None = None,
+    params: ParamsArg = None,
     *,
     hvp_method: str = "auto",
     eval_mode: bool = True,

@@ -35,6 +35,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ._params import ParamsArg
 from ._perturbation import NORMS, ascent_step
 from ._random import make_generator
 from ._space import EUCLIDEAN, VectorSpace
@@ -582,7 +583,7 @@ def sharpness(
     steps: int = 20,
     samples: int = 20,
     generator: torch.Generator | None = None,
-    params: Sequence[Tensor | str] | None = None,
+    params: ParamsArg = None,
     eval_mode: bool = True,
 ) -> float:
     """Sharpness of ``loss_fn`` over ``batches`` around the model's current weights.

@@ -32,7 +32,7 @@ from ._batches import batch_size, scalar_loss, split_batch
 
 if TYPE_CHECKING:
     from ._space import ShardedSpace
-from ._params import ParamSpec, compute_dtype
+from ._params import ParamsArg, ParamSpec, compute_dtype
 from ._random import gaussian, make_generator
 from ._sharded import ShardedLossOperator, is_sharded, local_shard, sharded_parameters
 from .hvp import LossFn, LossOperator, MeasurementError, is_out_of_memory
@@ -55,7 +55,7 @@ ReduceFn = Callable[[Tensor], Tensor]
 def filter_normalize(
     model: nn.Module,
     directions: Tensor,
-    params: Sequence[Tensor | str] | None = None,
+    params: ParamsArg = None,
     *,
     include_1d: bool = False,
 ) -> Tensor:
@@ -132,7 +132,7 @@ def random_directions(
     model: nn.Module,
     generator: torch.Generator | None = None,
     count: int = 2,
-    params: Sequence[Tensor | str] | None = None,
+    params: ParamsArg = None,
     *,
     include_1d: bool = False,
 ) -> Tensor:
@@ -273,7 +273,7 @@ def loss_surface(
     distance: float = 1.0,
     directions: Tensor | Sequence[Tensor] | None = None,
     generator: torch.Generator | None = None,
-    params: Sequence[Tensor | str] | None = None,
+    params: ParamsArg = None,
     *,
     include_1d: bool = False,
     eval_mode: bool = True,
@@ -327,7 +327,7 @@ def loss_line(
     distance: float = 1.0,
     direction: Tensor | None = None,
     generator: torch.Generator | None = None,
-    params: Sequence[Tensor | str] | None = None,
+    params: ParamsArg = None,
     *,
     include_1d: bool = False,
     eval_mode: bool = True,

@@ -12,6 +12,7 @@ from torch import Tensor, nn
 
 from ._lanczos import lanczos
 from ._operator import SymmetricOperator
+from ._params import ParamsArg
 from ._random import make_generator
 from ._space import EUCLIDEAN
 from .curvature import OutputFn, OutputLoss, curvature_operator
@@ -118,7 +119,7 @@ def hessian_trace(
     num_hvps: int = 99,
     *,
     method: str = "hutch++",
-    params: Sequence[Tensor | str] | None = None,
+    params: ParamsArg = None,
     generator: torch.Generator | None = None,
     hvp_method: str = "auto",
     eval_mode: bool = True,
@@ -226,7 +227,7 @@ def hessian_density(
     num_steps: int = 40,
     grid_size: int = 512,
     sigma: float | None = None,
-    params: Sequence[Tensor | str] | None = None,
+    params: ParamsArg = None,
     generator: torch.Generator | None = None,
     hvp_method: str = "auto",
     eval_mode: bool = True,

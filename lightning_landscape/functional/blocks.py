@@ -1,0 +1,604 @@
+"""Per-block curvature: the top Hessian eigenvalue and the trace of every parameter block, in one call.
+
+A block is a set of parameters (a layer, a top-level module, one tensor, or a user's choice); its Hessian block
+``H_jj`` is the curvature of the loss in those parameters with the others fixed. One Lanczos run per block (full
+reorthogonalization within the block) advances in lockstep with the others, one product per running block per
+step; blocks that converged drop out, and the few numbers each step decides on reach the host in one transfer.
+Traces are exact (unit vectors) for blocks no larger than the sample budget, Hutch++ for the others, all blocks'
+probes in two rounds. The products come from one of two places (``products=``):
+
+- ``"shared"``: one operator over the union of the blocks; a row that is zero outside block ``j`` gives
+  ``H[:, j] v_j``, whose block-``j`` part is ``H_jj v_j``, so one batched product of ``B`` rows serves ``B`` blocks
+  (sent batched or row by row, whichever is faster per row, measured once). Each row costs a whole-model product.
+- ``"per_block"``: one operator per block, restricted to its parameters, so autograd differentiates only what the
+  block needs (a product for the last layer of the digits ResNet costs under 1% of a whole-model one on a CPU); the
+  first operator chooses and checks the product method, the others reuse its choice. Keeps one gradient graph
+  per block.
+
+Each row counts as one Hessian-vector product.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import itertools
+import math
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ._operator import SymmetricOperator
+from ._params import ParamsArg, select_parameters
+from ._random import gaussian, make_generator, rademacher
+from ._sharded import is_sharded
+from ._space import EUCLIDEAN
+from .hvp import LossFn, LossOperator
+
+__all__ = ["BLOCK_SPLITS", "PRODUCT_SOURCES", "BlockResult", "block_curvature", "block_estimates", "split_blocks"]
+
+#: The ways :func:`split_blocks` splits a model by itself (a mapping ``{block: params}`` is the user's own split).
+BLOCK_SPLITS = ("module", "layer", "parameter")
+# rows per batched product call: bounds the dense [rows, n] blocks of vectors held at once (the operator's own
+# chunk_size further bounds the rows per backward pass)
+MAX_ROWS = 64
+#: Where :func:`block_curvature` takes the blocks' products from (see the module's docstring); ``"auto"`` is
+#: ``"per_block"`` on a CPU, where restricting each product to its block saved more than batching the blocks' rows
+#: on every digits model of ``benchmarks/blocks.py`` (MLP, CNN, ResNet), and ``"shared"`` elsewhere, where batching
+#: several vectors is several times cheaper per vector (not yet measured for blocks on a GPU).
+PRODUCT_SOURCES = ("auto", "shared", "per_block")
+# a Lanczos residual below DEFLATION_TOL · eps · ‖T‖ is an invariant subspace (as in _lanczos.block_lanczos)
+DEFLATION_TOL = 100.0
+
+
+def split_blocks(model: nn.Module, by: str | Mapping[str, ParamsArg] = "module") -> dict[str, list[str]]:
+    """Split ``model``'s parameters into named blocks: ``{block name: [parameter names]}``, in the model's order.
+
+    Args:
+        model: the module.
+        by: ``"module"``: one block per top-level child module (named as the child); ``"layer"``: one per module that
+            owns parameters itself (named by its path, e.g. ``"encoder.0.linear1"``); ``"parameter"``: one per
+            parameter. A parameter held by ``model`` itself is its own block (named as the parameter). Parameters
+            without ``requires_grad`` are skipped, and so are modules left without any. Or a mapping
+            ``{block name: params}`` with each value anything ``params=`` accepts (names, glob patterns, a predicate,
+            a submodule, tensors; see :func:`~lightning_landscape.functional._params.select_parameters`): the
+            user's blocks, which must each select something and must not overlap (parameters in no block are
+            left out).
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(2, 3), nn.Tanh(), nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 1)))
+        >>> split_blocks(net)
+        {'0': ['0.weight', '0.bias'], '2': ['2.0.weight', '2.0.bias', '2.1.weight', '2.1.bias']}
+        >>> list(split_blocks(net, "layer"))
+        ['0', '2.0', '2.1']
+        >>> split_blocks(net, {"weights": "*.weight", "head": net[2][1].bias})
+        {'weights': ['0.weight', '2.0.weight', '2.1.weight'], 'head': ['2.1.bias']}
+    """
+    if isinstance(by, Mapping):
+        return _user_blocks(model, by)
+    if by not in BLOCK_SPLITS:
+        raise ValueError(f"`by` must be one of {BLOCK_SPLITS} or a mapping {{block name: params}}, got {by!r}.")
+    blocks: dict[str, list[str]] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        owner, _, _ = name.rpartition(".")
+        if by == "parameter" or not owner:  # a parameter of the model itself: its own block
+            key = name
+        else:
+            key = owner if by == "layer" else owner.split(".")[0]
+        blocks.setdefault(key, []).append(name)
+    if not blocks:
+        raise ValueError("`model` has no parameter with requires_grad: there is nothing to split into blocks.")
+    return blocks
+
+
+def _user_blocks(model: nn.Module, by: Mapping[str, ParamsArg]) -> dict[str, list[str]]:
+    if not by:
+        raise ValueError("`by` must hold at least one block, got an empty mapping.")
+    blocks: dict[str, list[str]] = {}
+    owner: dict[str, str] = {}
+    for key, spec in by.items():
+        if not isinstance(key, str):
+            raise ValueError(f"`by`: block names must be strings, got {key!r}.")
+        try:
+            names = select_parameters(model, spec)
+        except ValueError as err:
+            raise ValueError(f"`by`[{key!r}]: {err}") from None
+        for n in names:
+            if n in owner:
+                raise ValueError(f"`by`: blocks {owner[n]!r} and {key!r} overlap (both hold {n!r}).")
+            owner[n] = key
+        blocks[key] = names
+    return blocks
+
+
+@dataclass
+class BlockResult:
+    """Per-block curvature, each attribute a dict keyed by block name (in the blocks' order).
+
+    Attributes:
+        blocks: the parameter names of each block (``{}`` from :func:`block_estimates`, which sees columns only).
+        sizes: the number of scalar parameters in each block.
+        eigenvalues: the top (largest algebraic) eigenvalue of each Hessian block ``H_jj`` (empty if not asked).
+        converged: whether that eigenvalue met ``tol``.
+        eigenvectors: its unit eigenvector, in the block's own flat order (the block's parameters in the model's
+            order), when asked for.
+        traces: ``tr(H_jj)`` (empty if not asked); with Hutch++ exact for blocks of at most ``trace_samples``
+            parameters.
+        trace_stderr: the standard error of each trace (0 where exact; that of the Hutchinson part for Hutch++).
+        num_hvps: Hessian-vector products each block used on its own (each row of a batched product is one).
+        total_hvps: all products, with the one ``hvp_method="auto"`` may spend choosing.
+        seconds: wall time of the call.
+        hvp_method: the product method that ran.
+        rows_batched: with ``products="shared"``, whether the blocks' rows went through one batched product (``True``)
+            or row by row (``False``), as measured faster; ``None`` when not decided (or ``products="per_block"``).
+    """
+
+    blocks: dict[str, list[str]]
+    sizes: dict[str, int]
+    eigenvalues: dict[str, float] = field(default_factory=dict)
+    converged: dict[str, bool] = field(default_factory=dict)
+    eigenvectors: dict[str, Tensor] = field(default_factory=dict)
+    traces: dict[str, float] = field(default_factory=dict)
+    trace_stderr: dict[str, float] = field(default_factory=dict)
+    num_hvps: dict[str, int] = field(default_factory=dict)
+    total_hvps: int = 0
+    seconds: float = 0.0
+    hvp_method: str = ""
+    rows_batched: bool | None = None
+
+
+class _Block:
+    """One block's columns of the flat vector, as ``(start, stop)`` ranges, and scatter/gather between the two."""
+
+    def __init__(self, name: str, ranges: list[tuple[int, int]]) -> None:
+        self.name, self.ranges, self.size = name, ranges, sum(b - a for a, b in ranges)
+
+    @classmethod
+    def from_columns(cls, name: str, columns: Sequence[int] | Tensor, n: int) -> _Block:
+        """The block of the given column indices (sorted, duplicates dropped) of flat vectors of length ``n``."""
+        cols = sorted({int(c) for c in (columns.tolist() if isinstance(columns, Tensor) else columns)})
+        if not cols:
+            raise ValueError(f"`blocks`[{name!r}] holds no column.")
+        if cols[0] < 0 or cols[-1] >= n:
+            raise ValueError(f"`blocks`[{name!r}]: columns must lie in [0, {n}), got {cols[0]}..{cols[-1]}.")
+        ranges, start = [], cols[0]
+        for a, b in zip(cols, [*cols[1:], None], strict=True):
+            if b != a + 1:
+                ranges.append((start, a + 1))
+                start = b
+        return cls(name, ranges)
+
+    def gather(self, rows: Tensor) -> Tensor:
+        """``[r, n] -> [r, size]``: the block's columns."""
+        if len(self.ranges) == 1:
+            return rows[:, self.ranges[0][0] : self.ranges[0][1]]
+        return torch.cat([rows[:, a:b] for a, b in self.ranges], dim=1)
+
+    def scatter(self, values: Tensor, rows: Tensor) -> None:
+        """Write ``values [r, size]`` into the block's columns of ``rows [r, n]``."""
+        offset = 0
+        for a, b in self.ranges:
+            rows[:, a:b] = values[:, offset : offset + b - a]
+            offset += b - a
+
+
+class _Shared:
+    """Products from one operator over the union of the blocks: rows zero outside their block, several blocks'
+    rows in one call (at most :data:`MAX_ROWS`), sent through as one batched product or row by row, whichever is
+    faster per row here. Measured once, on products needed anyway: the first call of several rows goes row by row,
+    each row after the first timed (the first pays for the operator's method choice and checks); the second goes
+    batched, timed; the faster way serves every later call. (A batched double backward is several times cheaper
+    per vector than a loop on a GPU; on a CPU we measured it at 0.4x a loop's time per row on the digits MLP and
+    1.1x to 1.9x on the digits ResNet.)"""
+
+    def __init__(self, operator: SymmetricOperator) -> None:
+        self.operator = operator
+        self.dtype, self.device = operator.dtype, torch.device(operator.device)
+        self.batched: bool | None = None  # None: not decided yet
+        self._looped: float | None = None  # seconds per row, row by row
+
+    @property
+    def method(self) -> str:
+        return getattr(self.operator, "method", "")
+
+    def extra_hvps(self) -> int:
+        """Products spent besides the blocks' own (``hvp_method="auto"`` choosing)."""
+        return getattr(self.operator, "probe_hvps", 0)
+
+    def block_products(self, work: Sequence[tuple[_Block, Tensor]]) -> list[Tensor]:
+        """``H_jj V`` for each ``(block j, V [r, size_j])``."""
+        n = self.operator.size
+        segments = [
+            (i, lo, min(lo + MAX_ROWS, len(v))) for i, (_, v) in enumerate(work) for lo in range(0, len(v), MAX_ROWS)
+        ]
+        outs: list[list[Tensor]] = [[] for _ in work]
+        while segments:
+            chunk, count = [], 0
+            while segments and count + segments[0][2] - segments[0][1] <= MAX_ROWS:
+                seg = segments.pop(0)
+                chunk.append((seg, count))
+                count += seg[2] - seg[1]
+            rows = torch.zeros(count, n, dtype=self.dtype, device=self.device)
+            for (i, lo, hi), at in chunk:
+                work[i][0].scatter(work[i][1][lo:hi].to(self.dtype), rows[at : at + hi - lo])
+            out = self._matmat(rows)
+            for (i, lo, hi), at in chunk:
+                outs[i].append(work[i][0].gather(out[at : at + hi - lo]))
+        return [o[0] if len(o) == 1 else torch.cat(o) for o in outs]
+
+    def _matmat(self, rows: Tensor) -> Tensor:
+        if rows.shape[0] == 1 or self.batched is True:
+            return self.operator.matmat(rows)
+        if self.batched is False:
+            return torch.cat([self.operator.matmat(r) for r in rows.split(1)])
+        if self._looped is None:  # the first call: row by row, timing every row after the first
+            out = [self.operator.matmat(rows[:1])]
+            start = self._clock()
+            out += [self.operator.matmat(r) for r in rows[1:].split(1)]
+            self._looped = (self._clock() - start) / (rows.shape[0] - 1)
+            return torch.cat(out)
+        start = self._clock()
+        out = self.operator.matmat(rows)
+        self.batched = (self._clock() - start) / rows.shape[0] <= self._looped
+        return out
+
+    def _clock(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
+
+class _PerBlock:
+    """Products from one :class:`~lightning_landscape.functional.LossOperator` per block, restricted to the block's
+    parameters (entered on ``stack``; made at the block's first product, so that the first block's operator has
+    chosen and checked the product method, which the others then reuse unchecked)."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: LossFn,
+        batches: Sequence[Any],
+        split: Mapping[str, list[str]],
+        stack: contextlib.ExitStack,
+        **options: Any,
+    ) -> None:
+        self.model, self.loss_fn, self.batches, self.split, self.stack = model, loss_fn, batches, split, stack
+        self.options = options
+        self.ops: dict[str, LossOperator] = {}
+        first = self._operator(next(iter(split)))
+        self.dtype, self.device = first.dtype, torch.device(first.device)
+
+    @property
+    def method(self) -> str:
+        return next(iter(self.ops.values())).method
+
+    def extra_hvps(self) -> int:
+        """Products spent besides the blocks' own (``hvp_method="auto"`` choosing)."""
+        return sum(op.probe_hvps for op in self.ops.values())
+
+    def _operator(self, name: str) -> LossOperator:
+        if name not in self.ops:
+            options = dict(self.options)
+            first = next(iter(self.ops.values()), None)
+            if first is not None and first.method != "auto":  # it has chosen (and checked) the method: reuse it
+                if options["hvp_method"] == "auto":
+                    options["auto_method"] = first.method
+                options["validate"] = False
+            op = LossOperator(self.model, self.loss_fn, self.batches, self.split[name], **options)
+            self.ops[name] = self.stack.enter_context(op)
+        return self.ops[name]
+
+    def block_products(self, work: Sequence[tuple[_Block, Tensor]]) -> list[Tensor]:
+        """``H_jj V`` for each ``(block j, V [r, size_j])``, first block first."""
+        return [self._operator(block.name).matmat(v) for block, v in work]
+
+
+class _Chain:
+    """Plain Lanczos with full reorthogonalization on one block, advanced one product at a time from outside; its
+    stopping rule is :func:`~lightning_landscape.functional.top_eigenvalues`'s for ``k = 1``."""
+
+    def __init__(self, block: _Block, start: Tensor, max_steps: int, tol: float) -> None:
+        self.block, self.tol = block, tol
+        self.cap = min(max_steps, block.size)
+        self.basis = torch.empty(self.cap, block.size, dtype=start.dtype, device=start.device)
+        self.q = start / torch.linalg.vector_norm(start)
+        self.alpha: list[float] = []
+        self.beta: list[float] = []
+        self.m = 0
+        self.done = self.converged = False
+        self.previous = math.inf
+        self.scale = 0.0
+        self.eigh: tuple[Tensor, Tensor] | None = None
+        self._w: Tensor | None = None
+
+    def absorb(self, hq: Tensor) -> Tensor:
+        """Take ``H_jj q`` for the current ``q``; returns ``(α, β)`` (a 2-vector, on the device) for :meth:`decide`."""
+        basis = self.basis[: self.m + 1]
+        basis[self.m] = self.q
+        c = hq.unsqueeze(0) @ basis.T  # [1, m + 1]: the last entry is α
+        w = hq.unsqueeze(0) - c @ basis
+        w = w - (w @ basis.T) @ basis  # twice is enough (CGS2)
+        self._w = w[0]
+        return torch.stack([c[0, -1].double(), torch.linalg.vector_norm(w[0], dtype=torch.float64)])
+
+    def decide(self, alpha: float, beta: float) -> None:
+        """Record the step (``α``, ``β`` as floats) and decide whether the block is done."""
+        self.m += 1
+        self.alpha.append(alpha)
+        self.scale = max(self.scale, abs(alpha), beta)
+        invariant = beta <= DEFLATION_TOL * torch.finfo(self.basis.dtype).eps * self.scale
+        m = self.m
+        t = torch.diag(torch.tensor(self.alpha, dtype=torch.float64))
+        if m > 1:
+            off = torch.tensor(self.beta, dtype=torch.float64)
+            t += torch.diag(off, 1) + torch.diag(off, -1)
+        theta, s = self.eigh = torch.linalg.eigh(t)
+        top = float(theta[-1])
+        r = 0.0 if invariant else beta * abs(float(s[-1, -1]))
+        gap = float(theta[-1] - theta[-2]) if m > 1 else math.inf
+        bound = min(r, r * r / max(gap, 1e-300))
+        change = abs(top - self.previous) if math.isfinite(self.previous) else math.inf
+        self.previous = top
+        c = max(abs(top), self.tol * float(theta.abs().max()))
+        self.converged = r <= self.tol * c or (max(bound, change) <= self.tol * c and r <= 3 * self.tol * c)
+        self.done = self.converged or invariant or m == self.cap
+        if not self.done:
+            self.beta.append(beta)
+            self.q = self._w / beta
+        self._w = None
+
+    def vector(self) -> Tensor:
+        """The unit Ritz vector of the top Ritz value."""
+        s = self.eigh[1][:, -1].to(self.basis)
+        v = s @ self.basis[: self.m]
+        return v / torch.linalg.vector_norm(v)
+
+
+def _top_eigenvalues(
+    products: _Shared | _PerBlock, blocks: list[_Block], tol: float, max_hvps: int, generator: torch.Generator
+) -> list[_Chain]:
+    dtype, device = products.dtype, products.device
+    chains = [_Chain(b, gaussian((b.size,), generator, dtype, device), max_hvps, tol) for b in blocks]
+    active = list(chains)
+    while active:
+        hq = products.block_products([(c.block, c.q.unsqueeze(0)) for c in active])
+        steps = torch.stack([c.absorb(h[0]) for c, h in zip(active, hq, strict=True)]).tolist()
+        for c, (alpha, beta) in zip(active, steps, strict=True):  # one host transfer per step for all blocks
+            c.decide(alpha, beta)
+        active = [c for c in active if not c.done]
+    return chains
+
+
+def _traces(
+    products: _Shared | _PerBlock, blocks: list[_Block], samples: int, generator: torch.Generator
+) -> list[tuple[float, float, int]]:
+    """``(trace, stderr, products)`` per block: exact from unit vectors when ``size <= samples``, else Hutch++ with
+    ``samples // 3`` sketch vectors, as many for the sketch's exact part and the rest Hutchinson (Rademacher) probes
+    projected off the sketch. Two batched rounds for all blocks: the sketches (and the unit vectors), then the
+    sketch bases with the probes."""
+    dtype, device = products.dtype, products.device
+    exact = [b for b in blocks if b.size <= samples]
+    hutch = [b for b in blocks if b.size > samples]
+    sketch = samples // 3
+    first = [(b, torch.eye(b.size, dtype=dtype, device=device)) for b in exact]
+    first += [(b, rademacher((sketch, b.size), generator, dtype, device)) for b in hutch]
+    out1 = products.block_products(first)
+    results: dict[str, tuple[float, float, int]] = {}
+    for b, hv in zip(exact, out1, strict=False):
+        results[b.name] = (float(hv.diagonal().sum(dtype=torch.float64)), 0.0, b.size)
+    second, bases = [], []
+    for b, y in zip(hutch, out1[len(exact) :], strict=True):
+        q = torch.linalg.qr(y.T).Q.T.contiguous()  # [sketch, size], orthonormal rows spanning H_jj S
+        g = rademacher((samples - 2 * sketch, b.size), generator, dtype, device)
+        g = g - (g @ q.T) @ q
+        bases.append(q)
+        second.append((b, torch.cat([q, g])))
+    for (b, rows), q, hv in zip(second, bases, products.block_products(second), strict=True):
+        forms = (rows * hv).sum(dim=1, dtype=torch.float64)
+        top, rest = forms[: q.shape[0]].sum(), forms[q.shape[0] :]
+        tests = rest.numel()
+        stderr = float(rest.std() / math.sqrt(tests)) if tests > 1 else math.nan
+        results[b.name] = (float(top + rest.mean()), stderr, samples)
+    return [results[b.name] for b in blocks]
+
+
+def _check_arguments(eigenvalues: bool, trace: bool, tol: float, max_hvps: int, trace_samples: int) -> None:
+    if not (eigenvalues or trace):
+        raise ValueError("`eigenvalues` and `trace` are both False: nothing to compute.")
+    if tol <= 0:
+        raise ValueError(f"`tol` must be > 0, got {tol}.")
+    if max_hvps < 1:
+        raise ValueError(f"`max_hvps` must be >= 1 (products per block), got {max_hvps}.")
+    if trace and trace_samples < 3:
+        raise ValueError(
+            f"`trace_samples` must be >= 3 (Hutch++ needs a sketch, its basis and a probe), got {trace_samples}."
+        )
+
+
+def block_estimates(
+    operator: SymmetricOperator,
+    blocks: Mapping[str, Sequence[int] | Tensor],
+    *,
+    eigenvalues: bool = True,
+    trace: bool = True,
+    eigenvectors: bool = False,
+    tol: float = 1e-3,
+    max_hvps: int = 100,
+    trace_samples: int = 30,
+    generator: torch.Generator | None = None,
+) -> BlockResult:
+    """Top eigenvalue and trace of the diagonal blocks ``H_jj`` of a symmetric ``operator``.
+
+    ``blocks`` maps a name to the block's columns (indices into the operator's flat vectors; blocks may overlap
+    here). For the eigenvalues, one plain Lanczos run per block (full reorthogonalization within the block, a
+    Gaussian start, :func:`~lightning_landscape.functional.top_eigenvalues`'s stopping rule for ``k = 1`` with
+    ``tol``, at most ``max_hvps`` products per block) advances in lockstep with the others: each step is one product
+    call for the still-running blocks' vectors (zero outside their block), batched or row by row, whichever was
+    faster per row when measured on the first two calls. Traces: exact from the unit vectors for a block of at most
+    ``trace_samples`` parameters, else Hutch++ with ``trace_samples`` products (see
+    :func:`~lightning_landscape.functional.trace_estimate`), all blocks' probes in two rounds.
+
+    Example:
+        >>> from lightning_landscape.functional import DenseOperator
+        >>> a = torch.tensor([[2.0, 1.0, 0.0], [1.0, 3.0, 5.0], [0.0, 5.0, -1.0]])
+        >>> r = block_estimates(DenseOperator(a.double()), {"first": [0, 1], "last": [2]}, tol=1e-8)
+        >>> {k: round(v, 4) for k, v in r.eigenvalues.items()}, r.traces
+        ({'first': 3.618, 'last': -1.0}, {'first': 5.0, 'last': -1.0})
+    """
+    start = time.perf_counter()
+    space = getattr(operator, "space", EUCLIDEAN)
+    if space.distributed:
+        raise NotImplementedError("per-block curvature does not support sharded (FSDP2) operators yet.")
+    if not isinstance(blocks, Mapping) or not blocks:
+        raise ValueError(f"`blocks` must be a non-empty mapping {{name: columns}}, got {blocks!r}.")
+    _check_arguments(eigenvalues, trace, tol, max_hvps, trace_samples)
+    parts = [_Block.from_columns(name, cols, operator.size) for name, cols in blocks.items()]
+    result = _estimate(
+        _Shared(operator), parts, eigenvalues, trace, eigenvectors, tol, max_hvps, trace_samples, generator
+    )
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+def _estimate(
+    products: _Shared | _PerBlock,
+    parts: list[_Block],
+    eigenvalues: bool,
+    trace: bool,
+    eigenvectors: bool,
+    tol: float,
+    max_hvps: int,
+    trace_samples: int,
+    generator: torch.Generator | None,
+) -> BlockResult:
+    generator = make_generator(generator)
+    result = BlockResult(blocks={}, sizes={b.name: b.size for b in parts})
+    result.num_hvps = {b.name: 0 for b in parts}
+    if eigenvalues:
+        for c in _top_eigenvalues(products, parts, tol, max_hvps, generator):
+            name = c.block.name
+            result.eigenvalues[name] = float(c.eigh[0][-1])
+            result.converged[name] = c.converged
+            result.num_hvps[name] += c.m
+            if eigenvectors:
+                result.eigenvectors[name] = c.vector()
+    if trace:
+        for b, (value, stderr, used) in zip(parts, _traces(products, parts, trace_samples, generator), strict=True):
+            result.traces[b.name], result.trace_stderr[b.name] = value, stderr
+            result.num_hvps[b.name] += used
+    result.total_hvps = sum(result.num_hvps.values()) + products.extra_hvps()
+    result.hvp_method = products.method
+    result.rows_batched = getattr(products, "batched", None)
+    return result
+
+
+def block_curvature(
+    model: nn.Module,
+    loss_fn: LossFn,
+    batches: Sequence[Any],
+    blocks: str | Mapping[str, ParamsArg] = "module",
+    *,
+    eigenvalues: bool = True,
+    trace: bool = True,
+    eigenvectors: bool = False,
+    tol: float = 1e-3,
+    max_hvps: int = 100,
+    trace_samples: int = 30,
+    generator: torch.Generator | None = None,
+    hvp_method: str = "auto",
+    eval_mode: bool = True,
+    products: str = "auto",
+) -> BlockResult:
+    """Top Hessian eigenvalue and trace of every parameter block of ``model``, computed together.
+
+    The blocks' Lanczos runs advance in lockstep and their trace probes go in two rounds (see
+    :func:`block_estimates`); the products come from one operator over all the blocks or one per block
+    (``products``); either way the product method is chosen and checked once.
+
+    Args:
+        model: any ``nn.Module``; left exactly as it was.
+        loss_fn: ``loss_fn(model, batch) -> scalar``.
+        batches: probe batches; the loss is their sample-weighted mean.
+        blocks: how to split the parameters (see :func:`split_blocks`): ``"module"``, ``"layer"``, ``"parameter"``,
+            or a mapping ``{block name: params}``.
+        eigenvalues: compute each block's top eigenvalue.
+        trace: compute each block's trace.
+        eigenvectors: keep each block's top eigenvector (in :attr:`BlockResult.eigenvectors`).
+        tol: relative eigenvalue error to stop at.
+        max_hvps: product budget of each block's eigenvalue.
+        trace_samples: products per block for its trace (exact for blocks no larger).
+        generator: source of the random start vectors and probes.
+        hvp_method: see :data:`~lightning_landscape.functional.HVP_METHODS`.
+        eval_mode: measure in eval mode.
+        products: where the products come from (see :data:`PRODUCT_SOURCES` and the module's docstring):
+            ``"shared"`` (one operator over all blocks, their rows batched), ``"per_block"`` (one operator per
+            block, each product restricted to the block) or ``"auto"`` (``"per_block"`` on a CPU, else
+            ``"shared"``).
+
+    Example:
+        >>> torch.manual_seed(0) and None
+        >>> model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+        >>> data = [(torch.randn(16, 3), torch.randint(0, 2, (16,)))]
+        >>> loss_fn = lambda m, b: nn.functional.cross_entropy(m(b[0]), b[1])
+        >>> r = block_curvature(model, loss_fn, data, "layer")
+        >>> list(r.eigenvalues), all(r.converged.values()), r.sizes
+        (['0', '2'], True, {'0': 16, '2': 10})
+    """
+    start = time.perf_counter()
+    if is_sharded(model):
+        raise NotImplementedError("block_curvature does not support sharded (FSDP2) models yet.")
+    if products not in PRODUCT_SOURCES:
+        raise ValueError(f"`products` must be one of {PRODUCT_SOURCES}, got {products!r}.")
+    _check_arguments(eigenvalues, trace, tol, max_hvps, trace_samples)
+    split = split_blocks(model, blocks)
+    if products == "auto":
+        device = next(p.device for p in model.parameters() if p.requires_grad)
+        products = "per_block" if device.type == "cpu" else "shared"
+    options = {"hvp_method": hvp_method, "eval_mode": eval_mode}
+    estimate = functools.partial(
+        _estimate,
+        eigenvalues=eigenvalues,
+        trace=trace,
+        eigenvectors=eigenvectors,
+        tol=tol,
+        max_hvps=max_hvps,
+        trace_samples=trace_samples,
+        generator=generator,
+    )
+    if products == "per_block":
+        with contextlib.ExitStack() as stack:
+            source = _PerBlock(model, loss_fn, batches, split, stack, **options)
+            result = estimate(source, [_Block(key, [(0, _numel(model, names))]) for key, names in split.items()])
+    else:
+        chosen = {n for names in split.values() for n in names}
+        union = [n for n, _ in model.named_parameters() if n in chosen]
+        with LossOperator(model, loss_fn, batches, union, **options) as op:
+            at = dict(zip(op.spec.names, itertools.accumulate([0, *op.spec.sizes]), strict=False))
+            size = dict(zip(op.spec.names, op.spec.sizes, strict=True))
+            parts = [_Block(key, _merge([(at[n], at[n] + size[n]) for n in names])) for key, names in split.items()]
+            result = estimate(_Shared(op), parts)
+    result.blocks = split
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+def _numel(model: nn.Module, names: list[str]) -> int:
+    named = dict(model.named_parameters())
+    return sum(named[n].numel() for n in names)
+
+
+def _merge(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Sorted ``(start, stop)`` ranges with touching ones joined."""
+    out: list[tuple[int, int]] = []
+    for a, b in sorted(ranges):
+        if out and out[-1][1] == a:
+            out[-1] = (out[-1][0], b)
+        else:
+            out.append((a, b))
+    return out

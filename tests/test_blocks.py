@@ -1,0 +1,211 @@
+"""Per-block curvature (functional/blocks.py) and the gradient's share in the top eigenspace (functional/overlap.py),
+against dense float64 Hessians of an MLP, a CNN with BatchNorm (eval mode) and a tiny transformer."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from _models import dense_hessian
+from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from lightning_landscape.functional._operator import DenseOperator
+from lightning_landscape.functional.blocks import block_curvature, block_estimates, split_blocks
+from lightning_landscape.functional.overlap import gradient_overlap, hessian_gradient_overlap
+
+# With tol=1e-8 in float64 the Lanczos stopping rule bounds each top eigenvalue's error by ~1e-8·|λ| (residual or
+# gap bound); 1e-4 relative (the issue's figure) leaves four orders of magnitude for rounding.
+EIG_RTOL = 1e-4
+
+
+class _Pool(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mean(dim=1)
+
+
+def mlp() -> tuple[nn.Module, list]:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 6), nn.Tanh(), nn.Linear(6, 3))
+    return model.double(), [(torch.randn(32, 5, dtype=torch.float64), torch.randint(0, 3, (32,)))]
+
+
+def cnn() -> tuple[nn.Module, list]:
+    torch.manual_seed(1)
+    model = nn.Sequential(
+        nn.Conv2d(1, 3, 3), nn.BatchNorm2d(3), nn.Tanh(), nn.Conv2d(3, 3, 3), nn.Tanh(), nn.Flatten(), nn.Linear(12, 3)
+    ).double()
+    with torch.no_grad():  # BatchNorm with running statistics that are not the identity (eval mode reads them)
+        model[1].running_mean.uniform_(-0.5, 0.5)
+        model[1].running_var.uniform_(0.5, 2.0)
+        model[1].weight.uniform_(0.5, 1.5)
+        model[1].bias.uniform_(-0.5, 0.5)
+    return model, [(torch.randn(24, 1, 6, 6, dtype=torch.float64), torch.randint(0, 3, (24,)))]
+
+
+def transformer() -> tuple[nn.Module, list]:
+    torch.manual_seed(2)
+    layer = nn.TransformerEncoderLayer(d_model=8, nhead=2, dim_feedforward=12, dropout=0.0, batch_first=True)
+    model = nn.Sequential(layer, _Pool(), nn.Linear(8, 3)).double()
+    return model, [(torch.randn(8, 5, 8, dtype=torch.float64), torch.randint(0, 3, (8,)))]
+
+
+def loss_fn(model: nn.Module, batch: tuple) -> torch.Tensor:
+    return nn.functional.cross_entropy(model(batch[0]), batch[1])
+
+
+def exact_hessian(model: nn.Module, batches: list) -> torch.Tensor:
+    """The dense float64 Hessian (the math attention backend: the fused CPU kernel has no double backward)."""
+    with sdpa_kernel(SDPBackend.MATH):
+        return dense_hessian(model, loss_fn, batches)
+
+
+def columns(model: nn.Module, names: list[str]) -> torch.Tensor:
+    """The flat indices of ``names`` among all parameters (the dense Hessian's order)."""
+    out, at = [], 0
+    for n, p in model.named_parameters():
+        if n in names:
+            out.append(torch.arange(at, at + p.numel()))
+        at += p.numel()
+    return torch.cat(out)
+
+
+@pytest.mark.parametrize(
+    ("make", "by", "products"),
+    [
+        (mlp, "layer", "shared"),
+        (mlp, "parameter", "per_block"),
+        (cnn, "layer", "shared"),
+        (cnn, "layer", "per_block"),
+        (transformer, "layer", "shared"),
+        (transformer, "layer", "per_block"),
+    ],
+)
+def test_block_eigenvalues_and_traces_match_dense_hessian(make, by, products):
+    model, batches = make()
+    h = exact_hessian(model, batches)
+    blocks = split_blocks(model, by)
+    largest = max(h[columns(model, names)].shape[0] for names in blocks.values())
+    r = block_curvature(
+        model, loss_fn, batches, by, tol=1e-8, trace_samples=largest, eigenvectors=True, products=products
+    )
+    assert list(r.eigenvalues) == list(blocks) and r.blocks == blocks
+    for name, names in blocks.items():
+        idx = columns(model, names)
+        hjj = h[idx][:, idx]
+        values, vectors = torch.linalg.eigh(hjj)
+        assert r.sizes[name] == len(idx)
+        assert r.converged[name], name
+        assert r.eigenvalues[name] == pytest.approx(float(values[-1]), rel=EIG_RTOL, abs=1e-12), name
+        # trace_samples >= every block's size: the trace is exact from unit vectors (float64 rounding only)
+        assert r.traces[name] == pytest.approx(float(hjj.trace()), rel=1e-9, abs=1e-12), name
+        assert r.trace_stderr[name] == 0.0
+        if float(values[-1] - values[-2]) > 1e-3 * abs(float(values[-1])):  # a simple top eigenvalue: its vector
+            v = r.eigenvectors[name].double()
+            assert abs(float(v @ vectors[:, -1])) == pytest.approx(1.0, abs=1e-4), name
+            assert float((hjj @ v - r.eigenvalues[name] * v).norm()) <= 1e-4 * abs(r.eigenvalues[name])
+    assert r.total_hvps >= sum(r.num_hvps.values())  # (+ the product auto may spend choosing its method)
+
+
+def test_module_blocks_of_the_transformer_with_hutchpp_traces():
+    model, batches = transformer()
+    h = exact_hessian(model, batches)
+    blocks = {"attention": "0.self_attn.*", "feedforward": ["0.linear1.*", "0.linear2.*"], "head": model[2]}
+    r = block_curvature(model, loss_fn, batches, blocks, tol=1e-8, trace_samples=60)
+    for name, names in r.blocks.items():
+        idx = columns(model, names)
+        hjj = h[idx][:, idx]
+        assert r.eigenvalues[name] == pytest.approx(float(torch.linalg.eigvalsh(hjj)[-1]), rel=EIG_RTOL), name
+        exact = float(hjj.trace())
+        if len(idx) <= 60:
+            assert r.traces[name] == pytest.approx(exact, rel=1e-9)
+        else:  # Hutch++ is unbiased; its error is that of the Hutchinson part: 4 standard errors (seeded)
+            assert r.num_hvps[name] > 60 and abs(r.traces[name] - exact) <= 4 * r.trace_stderr[name], name
+    assert r.sizes == {"attention": 288, "feedforward": 212, "head": 27}
+
+
+def test_hutchpp_block_traces_are_within_their_standard_error():
+    g = torch.Generator().manual_seed(0)
+    q, _ = torch.linalg.qr(torch.randn(120, 120, generator=g, dtype=torch.float64))
+    a = q @ torch.diag(100.0 / torch.arange(1, 121, dtype=torch.float64) ** 2) @ q.T  # a decaying spectrum
+    blocks = {"first": range(0, 70), "second": range(70, 120), "odd": range(1, 120, 2)}  # (may overlap here)
+    r = block_estimates(DenseOperator(a), blocks, eigenvalues=False, trace_samples=30)
+    for name, cols in blocks.items():
+        idx = torch.tensor(list(cols))
+        exact = float(a[idx][:, idx].trace())
+        # Hutch++ is unbiased and its only error is the Hutchinson part's: 4 of its standard errors (seeded run)
+        assert 0 < r.trace_stderr[name] and abs(r.traces[name] - exact) <= 4 * r.trace_stderr[name], name
+        # the 10-vector sketch holds most of a decaying spectrum: the estimate is far better than Hutchinson's
+        assert abs(r.traces[name] - exact) <= 0.05 * exact
+        assert r.num_hvps[name] == 30
+
+
+def test_batched_blocks_agree_with_one_run_per_block():
+    model, batches = mlp()
+    together = block_curvature(model, loss_fn, batches, "parameter", tol=1e-8, trace=False, products="shared")
+    restricted = block_curvature(model, loss_fn, batches, "parameter", tol=1e-8, trace=False, products="per_block")
+    # the same random starts and the same products up to rounding: the same Lanczos steps, block by block
+    assert restricted.num_hvps == together.num_hvps
+    for name, names in together.blocks.items():
+        alone = block_curvature(model, loss_fn, batches, {name: names}, tol=1e-8, trace=False)
+        # converged runs (from other random starts alone): each within ~1e-8 relative of the same eigenvalue
+        assert alone.eigenvalues[name] == pytest.approx(together.eigenvalues[name], rel=1e-6), name
+        assert restricted.eigenvalues[name] == pytest.approx(together.eigenvalues[name], rel=1e-6), name
+    # batching saves calls, not products: each row counted once, and never more than a block's size
+    assert all(together.num_hvps[n] <= together.sizes[n] for n in together.blocks)
+
+
+def test_gradient_overlap_matches_numpy_projection():
+    model, batches = mlp()
+    h = exact_hessian(model, batches).numpy()
+    _, vectors = np.linalg.eigh(h)
+    top = vectors[:, ::-1][:, :5].T.copy()  # five top eigenvectors as rows
+    params = list(model.parameters())
+    grad = torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss_fn(model, batches[0]), params)]).numpy()
+    expected = [np.linalg.norm(top[:k].T @ (top[:k] @ grad)) ** 2 / np.linalg.norm(grad) ** 2 for k in range(1, 6)]
+    got = hessian_gradient_overlap(model, loss_fn, batches, torch.from_numpy(top))
+    np.testing.assert_allclose(got.numpy(), expected, rtol=1e-10)  # float64 rounding only
+    assert bool((got.diff() >= 0).all()) and float(got[-1]) <= 1.0
+    with pytest.raises(ValueError, match="orthonormal rows"):
+        gradient_overlap(torch.from_numpy(top) * 2, torch.from_numpy(grad))
+    with pytest.raises(ValueError, match=r"must be \[k, \d+\]"):
+        hessian_gradient_overlap(model, loss_fn, batches, torch.from_numpy(top[:, :10]))
+
+
+def test_split_blocks_module_layer_parameter_and_frozen():
+    model, _ = transformer()
+    model[2].bias.requires_grad_(False)
+    assert list(split_blocks(model)) == ["0", "2"]
+    assert list(split_blocks(model, "layer")) == [
+        "0.self_attn", "0.self_attn.out_proj", "0.linear1", "0.linear2", "0.norm1", "0.norm2", "2",
+    ]  # fmt: skip
+    assert split_blocks(model, "layer")["2"] == ["2.weight"]  # the frozen bias is skipped
+    assert len(split_blocks(model, "parameter")) == len([p for p in model.parameters() if p.requires_grad])
+    root = nn.Module()
+    root.scale = nn.Parameter(torch.ones(2))  # a parameter of the model itself: its own block
+    root.head = nn.Linear(2, 1)
+    assert split_blocks(root) == {"scale": ["scale"], "head": ["head.weight", "head.bias"]}
+
+
+def test_bad_blocks_are_errors_naming_the_argument():
+    model, batches = mlp()
+    with pytest.raises(ValueError, match=r"`by` must be one of \('module', 'layer', 'parameter'\)"):
+        split_blocks(model, "layers")
+    with pytest.raises(ValueError, match=r"blocks 'a' and 'b' overlap \(both hold '0.weight'\)"):
+        split_blocks(model, {"a": "0.*", "b": ["0.weight"]})
+    with pytest.raises(ValueError, match=r"`by`\['b'\]: `params`: '9\.\*' is neither"):
+        split_blocks(model, {"a": "0.*", "b": "9.*"})  # an empty block
+    with pytest.raises(ValueError, match="`trace_samples` must be >= 3"):
+        block_curvature(model, loss_fn, batches, trace_samples=2)
+    with pytest.raises(ValueError, match="`tol` must be > 0"):
+        block_curvature(model, loss_fn, batches, tol=0.0)
+    with pytest.raises(ValueError, match=r"`products` must be one of \('auto', 'shared', 'per_block'\)"):
+        block_curvature(model, loss_fn, batches, products="batched")
+    with pytest.raises(ValueError, match="nothing to compute"):
+        block_curvature(model, loss_fn, batches, eigenvalues=False, trace=False)
+
+    class Sharded(DenseOperator):
+        space = type("Space", (), {"distributed": True})()
+
+    with pytest.raises(NotImplementedError, match="sharded"):
+        block_estimates(Sharded(torch.eye(2)), {"a": [0]})

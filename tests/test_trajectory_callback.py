@@ -114,11 +114,15 @@ def test_bad_arguments_name_the_argument(tmp_path):
         TrajectoryCallback(centered="yes")
     assert TrajectoryCallback(snapshot_dtype="bfloat16").snapshot_dtype == torch.bfloat16
 
-    class ModelParallelStrategy:  # stands for Lightning's: refused by class name at setup
+    class FSDPStrategy:  # stands for Lightning's FSDP1: refused by class name at setup (FSDP2 is measured)
         pass
 
-    with pytest.raises(RuntimeError, match="ModelParallelStrategy"):
-        TrajectoryCallback().setup(SimpleNamespace(strategy=ModelParallelStrategy()), None, "fit")
+    class ModelParallelStrategy:  # with tensor parallelism: refused (FSDP2's data-parallel sharding is measured:
+        _tensor_parallel_size = 2  # tests/test_trajectory_sharded.py)
+
+    for strategy, match in ((FSDPStrategy(), "FSDPStrategy"), (ModelParallelStrategy(), "tensor_parallel_size=2")):
+        with pytest.raises(RuntimeError, match=match):
+            TrajectoryCallback().setup(SimpleNamespace(strategy=strategy), None, "fit")
 
 
 def test_dropped_files_are_deleted_at_the_next_checkpoint(tmp_path):

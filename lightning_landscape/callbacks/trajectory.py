@@ -14,6 +14,7 @@ from lightning_landscape.callbacks._base import LossFn, MeasurementCallback, che
 from lightning_landscape.functional import MeasurementError
 from lightning_landscape.functional._params import ParamSpec
 from lightning_landscape.functional._sharded import is_sharded
+from lightning_landscape.functional.surface import _sharded_layout
 from lightning_landscape.functional.trajectory import (
     SnapshotStore,
     TrajectorySurface,
@@ -26,7 +27,6 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 SNAPSHOT_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
-_SHARDED_STRATEGIES = ("ModelParallelStrategy", "FSDPStrategy")
 
 
 class TrajectoryCallback(MeasurementCallback):
@@ -57,8 +57,12 @@ class TrajectoryCallback(MeasurementCallback):
     it).
 
     Distributed: under DDP only rank zero keeps snapshots and runs the PCA; the plane is broadcast and every rank
-    evaluates the grid on its probe batches (the loss is their mean over all ranks). Sharded models (FSDP) are
-    refused at ``setup`` for now.
+    evaluates the grid on its probe batches (the loss is their mean over all ranks). A sharded model (FSDP2 through
+    ``ModelParallelStrategy``): every rank keeps snapshots of its own local shards under ``<directory>/rank<k>``
+    (``max_snapshots`` and the thinning as above, per rank), the Gram matrix is summed across the ranks, so all of
+    them get the same coordinates and explained variance and their own rows of the directions, and the grid is
+    evaluated with ``θ + x·v_1 + y·v_2`` written into the local shards and restored exactly. No rank gathers the
+    full parameter vector; rank zero logs.
 
     Args:
         every_n_train_steps: draw the plane every ``n`` optimizer steps (or ``every_n_epochs``, or neither:
@@ -170,11 +174,14 @@ class TrajectoryCallback(MeasurementCallback):
         self.mesh = mesh
         #: the last plane drawn (every rank), or ``None``
         self.last_surface: TrajectorySurface | None = None
-        self.store: SnapshotStore | None = None  # rank zero only
+        self.store: SnapshotStore | None = None  # rank zero only (every rank when the model is sharded)
+        self._sharded = False  # the module is FSDP2-sharded: every rank keeps its local shards' snapshots
+        self._rank = 0
         self._interval = snapshot_every_n_epochs or snapshot_every_n_train_steps or 1
         self._last_snapshot = -1  # step (or epoch) of the last snapshot
         self._retired: list[str] = []  # dropped snapshots' files, deleted once no checkpoint refers to them
         self._pending_store: dict[str, Any] | None = None
+        self._pending_layout = (False, 0)  # (sharded, rank) of the checkpoint's store
         self._snap_countdown = [0]
         self._pending_mesh: tuple[Any, ...] | None = None
         self._told_disk = False
@@ -193,6 +200,9 @@ class TrajectoryCallback(MeasurementCallback):
         state = super().state_dict()
         store = self.store.state_dict() if self.store is not None else self._pending_store
         state.update(store=store, interval=self._interval, last_snapshot=self._last_snapshot, retired=self._retired)
+        # a sharded run's checkpoint holds rank zero's state (Lightning saves the callbacks' state once): every rank
+        # maps its paths to its own directory on resume
+        state.update(sharded=self._sharded, rank=self._rank)
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -200,15 +210,35 @@ class TrajectoryCallback(MeasurementCallback):
         self._interval = state_dict.get("interval", self._interval)
         self._last_snapshot = state_dict.get("last_snapshot", -1)
         self._pending_store = state_dict.get("store")
+        self._pending_layout = (bool(state_dict.get("sharded", False)), int(state_dict.get("rank", 0)))
         self._retired = list(state_dict.get("retired", []))  # deleted at the next checkpoint or thinning
         if self.store is not None and self._pending_store is not None:
             self._restore_store()
 
-    def _restore_store(self) -> None:
+    def _restore_store(self, trainer: Trainer | None = None) -> None:
         state, self._pending_store = self._pending_store, None
+        sharded, rank = self._pending_layout
         if state is None or self.store is None or not state["paths"]:
             return
+        if sharded != self._sharded:
+            taken, now = ("sharded", "whole") if sharded else ("whole", "sharded")
+            self._retired = []
+            self._logger.warn_once(
+                "snapshots-layout",
+                f"the checkpoint's snapshots hold {taken} parameters and this run's model is {now}; the path restarts "
+                "here.",
+            )
+            return
+        if sharded:  # rank zero's state: this rank's files of the same snapshots are in its own directory
+            paths = [_rank_path(p, rank, self._rank) for p in state["paths"]]
+            state = {**state, "paths": paths, "numel": None}  # the local length: read from this rank's first file
+            self._retired = [_rank_path(p, rank, self._rank) for p in self._retired]
         present = [i for i, p in enumerate(state["paths"]) if os.path.exists(p)]
+        if sharded and trainer is not None and trainer.world_size > 1:  # every rank keeps the same snapshots
+            mask = torch.zeros(len(state["paths"]), dtype=torch.float64, device=trainer.strategy.root_device)
+            mask[present] = 1.0
+            everywhere = trainer.strategy.reduce(mask, reduce_op="sum").cpu() == trainer.world_size
+            present = [i for i in present if everywhere[i]]
         if 0 not in present:
             self._logger.warn_once(
                 "snapshots-missing",
@@ -236,29 +266,19 @@ class TrajectoryCallback(MeasurementCallback):
         self._retired = []
 
     # ------------------------------------------------------------------ environment
-    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        if stage == "fit" and type(trainer.strategy).__name__ in _SHARDED_STRATEGIES:
-            raise RuntimeError(
-                f"TrajectoryCallback does not support {type(trainer.strategy).__name__} yet: snapshots of sharded "
-                "parameters are not implemented. Use DDP (or one device)."
-            )
-        super().setup(trainer, pl_module, stage)
-
-    def check_model(self, pl_module: LightningModule) -> None:
-        super().check_model(pl_module)
-        if is_sharded(pl_module):
-            raise RuntimeError("TrajectoryCallback does not support sharded (FSDP2) modules yet; use DDP.")
-
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         super().on_train_start(trainer, pl_module)
         log_dir = trainer.log_dir or trainer.default_root_dir  # a collective under DDP: every rank asks
         directory = self.directory or os.path.join(log_dir, "trajectory")
         self._snap_countdown = [0]
-        if not trainer.is_global_zero:
+        self._sharded, self._rank = is_sharded(pl_module), trainer.global_rank
+        if self._sharded:  # every rank keeps its own shards' snapshots
+            directory = os.path.join(directory, f"rank{self._rank}")
+        if not self._keeps_snapshots(trainer):
             return
         if self.store is None:
             self.store = SnapshotStore(directory, dtype=self.snapshot_dtype)
-            self._restore_store()
+            self._restore_store(trainer)
         self.store.directory = directory  # a resumed run writes its new snapshots beside its own logs
         if len(self.store) == 0:
             self._snapshot(trainer, pl_module, trainer.global_step if self._by_steps else trainer.current_epoch)
@@ -267,15 +287,30 @@ class TrajectoryCallback(MeasurementCallback):
     def _by_steps(self) -> bool:
         return self.snapshot_every_n_epochs is None
 
+    def _keeps_snapshots(self, trainer: Trainer) -> bool:
+        """Rank zero keeps the snapshots; every rank its own shards' when the model is sharded."""
+        return self._sharded or trainer.is_global_zero
+
+    def _local_weights(self, pl_module: LightningModule) -> torch.Tensor:
+        """This rank's rows of the measured parameters of a sharded module, flattened (a copy)."""
+        with torch.no_grad():
+            return torch.cat([t.reshape(-1) for t in _sharded_layout(pl_module, None)[1]])
+
     def _snapshot(self, trainer: Trainer, pl_module: LightningModule, when: int) -> None:
-        """Write the current weights (rank zero); thin the store when it holds too many."""
+        """Write the current weights (rank zero; every rank's local shards when sharded); thin the store when it
+        holds too many."""
         store = self.store
         if store is None:
             return
         start = time.perf_counter()
-        spec = ParamSpec(pl_module)
-        with torch.no_grad():
-            vector = torch.cat([p.reshape(-1) for p in spec.tensors()])
+        if self._sharded:
+            vector = self._local_weights(pl_module)
+            numel, dtype = vector.numel(), vector.dtype
+        else:
+            spec = ParamSpec(pl_module)
+            with torch.no_grad():
+                vector = torch.cat([p.reshape(-1) for p in spec.tensors()])
+            numel, dtype = spec.numel, spec.dtype
         store.add(vector, step=trainer.global_step)
         self._last_snapshot = when
         seconds = time.perf_counter() - start  # part of what watching costs (the default schedule's budget too)
@@ -285,15 +320,18 @@ class TrajectoryCallback(MeasurementCallback):
             self._fixed_spent += seconds
         if not self._told_disk:
             self._told_disk = True
-            each = store.bytes_per_snapshot(spec.numel, spec.dtype)
+            each = store.bytes_per_snapshot(numel, dtype)
             files = self.max_snapshots + 1 + (self.max_snapshots + 1) // 2
-            total = spec.numel * spec.dtype.itemsize + (files - 1) * each
+            total = numel * dtype.itemsize + (files - 1) * each
+            whose = f"rank zero's local shards ({numel:,} entries)" if self._sharded else f"{numel:,} parameters"
             message = (
-                f"TrajectoryCallback: snapshots of {spec.numel:,} parameters under {store.directory}, "
-                f"{each / 2**20:.2f} MiB each ({store.dtype or spec.dtype}); at most {files} files, "
+                f"TrajectoryCallback: snapshots of {whose} under {store.directory}, "
+                f"{each / 2**20:.2f} MiB each ({store.dtype or dtype}); at most {files} files, "
                 f"{total / 2**20:.1f} MiB on disk (over {self.max_snapshots} snapshots every other one is dropped "
                 "and the interval doubles)."
             )
+            if self._sharded:
+                message += " Every rank keeps its own shards' snapshots likewise, beside them under rank<k>."
             rank_zero_info(message)
             self._logger.note(trainer, "landscape/trajectory_disk", message)
         if len(store) > self.max_snapshots:
@@ -312,7 +350,7 @@ class TrajectoryCallback(MeasurementCallback):
         if countdown[0] <= 0 and self._by_steps:
             step = trainer.global_step
             if step > 0 and step % self._interval == 0 and step != self._last_snapshot:
-                if trainer.is_global_zero:
+                if self._keeps_snapshots(trainer):
                     self._snapshot(trainer, pl_module, step)
                 self._last_snapshot = step
             countdown[0] = self._interval - step % self._interval
@@ -323,7 +361,7 @@ class TrajectoryCallback(MeasurementCallback):
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         epoch = trainer.current_epoch + 1
         if not self._by_steps and epoch % self._interval == 0 and epoch != self._last_snapshot:
-            if trainer.is_global_zero:
+            if self._keeps_snapshots(trainer):
                 self._snapshot(trainer, pl_module, epoch)
             self._last_snapshot = epoch
         super().on_train_epoch_end(trainer, pl_module)
@@ -355,13 +393,20 @@ class TrajectoryCallback(MeasurementCallback):
 
     def measure(self, trainer: Trainer, pl_module: LightningModule) -> tuple[dict[str, float], dict[str, Figure]]:
         plane, error = None, None
-        if trainer.is_global_zero:
+        if self._sharded:  # every rank: its own shards' snapshots, the Gram matrix summed across the ranks
+            space, locals_ = _sharded_layout(pl_module, None)
+            center = torch.cat([t.detach().reshape(-1) for t in locals_])
+            try:
+                plane = trajectory_pca(self.store, center, centered=self.centered, space=space)
+            except ValueError as err:  # from the summed Gram matrix: the same on every rank
+                error = str(err)
+        elif trainer.is_global_zero:
             center = ParamSpec(pl_module).parameter_vector()
             try:
                 plane = trajectory_pca(self.store, center, centered=self.centered)
             except ValueError as err:
                 error = str(err)
-        if trainer.world_size > 1:  # the plane is rank zero's: every rank evaluates the same grid
+        if trainer.world_size > 1 and not self._sharded:  # the plane is rank zero's: every rank evaluates it
             plane, error = trainer.strategy.broadcast((None if plane is None else plane.to("cpu"), error), src=0)
         if error is not None or plane is None:
             raise MeasurementError(error or "no plane")
@@ -399,3 +444,17 @@ class TrajectoryCallback(MeasurementCallback):
             return
         for logger in trainer.loggers:
             self._logger._adapter(logger).mesh("landscape/trajectory_3d", *mesh, step=trainer.global_step)
+
+
+def _rank_path(path: str, saved: int, rank: int) -> str:
+    """``path`` under ``.../rank<saved>/`` as the same file under ``.../rank<rank>/`` (another path: unchanged).
+
+    Example:
+        >>> _rank_path("/logs/trajectory/rank0/snapshot_00003_step000000012.pt", 0, 1)
+        '/logs/trajectory/rank1/snapshot_00003_step000000012.pt'
+    """
+    folder, name = os.path.split(path)
+    parent, leaf = os.path.split(folder)
+    if leaf != f"rank{saved}":
+        return path
+    return os.path.join(parent, f"rank{rank}", name)

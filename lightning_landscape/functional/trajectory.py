@@ -18,6 +18,15 @@ the differences ``θ_i − c`` to a centre ``c`` (the current weights) without h
 All of it is float64. The directions are not filter-normalized (Li et al. use the PCA directions as they are).
 :func:`trajectory_surface` evaluates the loss on a rectangular grid of the plane that spans the path and the
 centre with a margin, through the same grid evaluation as :func:`~lightning_landscape.functional.loss_surface`.
+
+**Sharded models** (FSDP2): every process keeps snapshots of its own local shards (its rows of every parameter,
+the layout of :class:`~lightning_landscape.functional._space.ShardedSpace`) in a store of its own. Given that
+``space``, :func:`trajectory_pca` sums the local products of each new batch of Gram entries (and of the ``a_i``)
+across the processes in one all-reduce, so every process holds the same Gram matrix and takes the same
+eigen-decomposition: the path's coordinates and explained variance are the same everywhere, and each direction is
+the same local combination of the local snapshots, i.e. this process's rows of the global direction. No process
+ever holds the full parameter vector. :func:`trajectory_surface` then writes ``c + x·v_1 + y·v_2`` into the local
+shards and restores them exactly (as ``loss_surface`` does on a sharded model).
 """
 
 from __future__ import annotations
@@ -32,9 +41,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ._params import ParamSpec
+from ._space import EUCLIDEAN, ShardedSpace, VectorSpace
 from .hvp import LossFn
 from .surface import ReduceFn, _evaluate
+from .surface import _numel as _direction_numel
 
 __all__ = [
     "SnapshotStore",
@@ -89,6 +99,7 @@ class SnapshotStore:
         self.gram = torch.zeros(0, 0, dtype=torch.float64)
         self._reference: Tensor | None = None  # θ_0 in float64 on the CPU (one vector)
         self._reference_on: Tensor | None = None  # and on the device of the last PCA
+        self._numel: int | None = None  # entries of each snapshot, once the first is stored
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -107,8 +118,8 @@ class SnapshotStore:
         """Write ``vector`` (a flat tensor on any device) as the snapshot at ``step``."""
         if not isinstance(vector, Tensor) or vector.dim() != 1 or not vector.is_floating_point():
             raise ValueError("`vector` must be a flat floating-point tensor.")
-        if self.paths and vector.numel() != self._numel:
-            raise ValueError(f"`vector` must have {self._numel} entries like the first snapshot, got {vector.numel()}.")
+        if self.paths and vector.numel() != self.numel:
+            raise ValueError(f"`vector` must have {self.numel} entries like the first snapshot, got {vector.numel()}.")
         os.makedirs(self.directory, exist_ok=True)
         vector = vector.detach()
         delta = bool(self.paths) and self.dtype in _HALF and self.dtype != vector.dtype
@@ -125,6 +136,15 @@ class SnapshotStore:
         self.paths.append(path)
         self.steps.append(int(step))
         self.deltas.append(delta)
+
+    @property
+    def numel(self) -> int | None:
+        """Entries of each snapshot (``None`` while the store is empty)."""
+        if not self.paths:
+            return None
+        if self._numel is None:  # restored from a state without it: the first file says
+            self._numel = self._reference_vector().numel()
+        return self._numel
 
     def _reference_vector(self) -> Tensor:
         if self._reference is None:
@@ -173,14 +193,13 @@ class SnapshotStore:
             "steps": list(self.steps),
             "deltas": list(self.deltas),
             "gram": self.gram.clone(),
-            "numel": getattr(self, "_numel", None),
+            "numel": self._numel,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.paths, self.steps, self.deltas = list(state["paths"]), list(state["steps"]), list(state["deltas"])
         self.gram = state["gram"].clone()
-        if state.get("numel") is not None:
-            self._numel = state["numel"]
+        self._numel = state.get("numel")
         self._reference = self._reference_on = None
 
 
@@ -212,7 +231,8 @@ class TrajectoryPlane:
     """The plane of the path's top-2 principal directions through a centre ``c``.
 
     Attributes:
-        directions: ``[2, numel]`` float64 unit vectors ``v_1, v_2`` (orthogonal), in the ``ParamSpec`` layout.
+        directions: ``[2, numel]`` float64 unit vectors ``v_1, v_2`` (orthogonal), in the ``ParamSpec`` layout
+            (for a sharded model: this process's rows of them, in the layout of its snapshots).
         coords: ``[n, 2]`` float64, ``<θ_i − c, v_k>``: the path in the plane (the centre is the origin).
         explained_variance: ``[2]`` float64, the share of the path's variance along each direction (``λ_k`` over
             the sum of all eigenvalues): the plane shows the path faithfully only when their sum is near 1.
@@ -232,22 +252,46 @@ class TrajectoryPlane:
                                self.centered)  # fmt: skip
 
 
-def _update_gram(source: SnapshotStore | _InMemory, device: torch.device, chunk: int) -> None:
+def _product(a: Tensor, b: Tensor) -> Tensor:
+    return a @ b.T if b.dim() == 2 else a @ b
+
+
+def _local_products(space: VectorSpace, a: Tensor, b: Tensor) -> Tensor:
+    """``a @ bᵀ`` (``b`` rows ``[q, n]``) or ``a @ b`` (``b`` a vector ``[n]``) over the parameter entries this
+    process counts (a replicated parameter on one process only), not yet summed across processes."""
+    if isinstance(space, ShardedSpace):
+        return space._local(_product, a, b)
+    return _product(a, b)
+
+
+def _sum_across(space: VectorSpace, t: Tensor, device: torch.device) -> Tensor:
+    """``t`` (CPU) summed over the processes of a sharded ``space`` in one all-reduce (on ``device``, the
+    products' device, which the collective's backend takes); ``t`` itself otherwise."""
+    if not isinstance(space, ShardedSpace):
+        return t
+    return space._reduce(t.to(device)).cpu()
+
+
+def _update_gram(source: SnapshotStore | _InMemory, device: torch.device, chunk: int, space: VectorSpace) -> None:
     """Extend ``source.gram`` to all its snapshots: ``chunk`` new ones in memory at a time, every older one read
-    once per chunk."""
+    once per chunk; a sharded ``space`` sums the new entries' local products in one all-reduce."""
     n, done = len(source), source.gram_size
     if done == n:
         return
+    rows = torch.zeros(n - done, n, dtype=torch.float64)  # the new rows, up to each chunk's last column
+    chunks = [(start, min(start + chunk, n)) for start in range(done, n, chunk)]
+    for start, stop in chunks:
+        block = torch.stack([source.difference(i, device) for i in range(start, stop)])  # [b, numel]
+        rows[start - done : stop - done, start:stop] = _local_products(space, block, block).cpu()
+        for j in range(start):
+            rows[start - done : stop - done, j] = _local_products(space, block, source.difference(j, device)).cpu()
+    rows = _sum_across(space, rows, device)
     gram = torch.zeros(n, n, dtype=torch.float64)
     gram[:done, :done] = source.gram
-    for start in range(done, n, chunk):
-        stop = min(start + chunk, n)
-        block = torch.stack([source.difference(i, device) for i in range(start, stop)])  # [b, numel]
-        gram[start:stop, start:stop] = (block @ block.T).cpu()
-        for j in range(start):
-            row = (block @ source.difference(j, device)).cpu()
-            gram[start:stop, j] = row
-            gram[j, start:stop] = row
+    for start, stop in chunks:
+        mine = rows[start - done : stop - done]
+        gram[start:stop, :stop] = mine[:, :stop]
+        gram[:start, start:stop] = mine[:, :start].T
     source.gram = gram
 
 
@@ -258,6 +302,7 @@ def trajectory_pca(
     centered: bool = True,
     chunk: int = 4,
     device: torch.device | str | None = None,
+    space: VectorSpace | None = None,
 ) -> TrajectoryPlane:
     """The top-2 principal directions of ``{θ_i − center}``, the path's coordinates on them and their explained
     variance (Li et al. 2018, §7), computed through the snapshots' Gram matrix (see the module docstring).
@@ -273,10 +318,16 @@ def trajectory_pca(
         chunk: snapshots held in memory at once while the Gram matrix is extended (memory on ``device``: about
             ``chunk + 5`` float64 vectors of the parameters' size, whatever the number of snapshots).
         device: where the products run (default: ``center``'s device).
+        space: ``None`` (whole vectors) or the :class:`~lightning_landscape.functional._space.ShardedSpace` of a
+            sharded model, whose snapshots and ``center`` are then this process's local rows: the Gram matrix's
+            entries are summed across its processes (one all-reduce per PCA for the new entries, one for the
+            centre's), every process gets the same coordinates and explained variance, and its rows of the
+            directions. Every process must call it at the same time, with as many snapshots.
 
     Raises:
-        ValueError: on fewer than 3 snapshots (2 without centring), a ``center`` of the wrong size, or a path
-            that spans fewer than two dimensions (the second direction is then undefined).
+        ValueError: on fewer than 3 snapshots (2 without centring), a ``center`` of the wrong size, a ``space``
+            of another length, or a path that spans fewer than two dimensions (the second direction is then
+            undefined).
 
     Example:
         >>> snaps = [torch.tensor([4.0, 1.0, 0.0]), torch.tensor([2.0, -1.0, 0.0]), torch.tensor([1.0, 0.5, 0.0])]
@@ -296,14 +347,22 @@ def trajectory_pca(
         raise ValueError(f"`snapshots`: the PCA needs at least {needed} snapshots (centered={centered}), got {n}.")
     if not isinstance(center, Tensor) or center.dim() != 1:
         raise ValueError("`center` must be a flat tensor.")
+    space = EUCLIDEAN if space is None else space
+    if not isinstance(space, VectorSpace):
+        raise TypeError(f"`space` must be None or a VectorSpace (a sharded model's ShardedSpace), got {space!r}.")
     dev = torch.device(device) if device is not None else center.device
     reference = source.reference(dev)
     if center.numel() != reference.numel():
         raise ValueError(f"`center` must have {reference.numel()} entries like the snapshots, got {center.numel()}.")
-    _update_gram(source, dev, chunk)
+    if isinstance(space, ShardedSpace) and space.numel != reference.numel():
+        raise ValueError(f"`space` holds {space.numel} local entries, the snapshots {reference.numel()}.")
+    _update_gram(source, dev, chunk, space)
     offset = center.detach().to(device=dev, dtype=torch.float64) - reference  # c − θ_0
-    a = torch.tensor([float(source.difference(i, dev) @ offset) for i in range(n)], dtype=torch.float64)
-    gram = source.gram - a[:, None] - a[None, :] + float(offset @ offset)  # <θ_i − c, θ_j − c>
+    local = [_local_products(space, source.difference(i, dev), offset) for i in range(n)]
+    local.append(_local_products(space, offset, offset))
+    products = _sum_across(space, torch.stack(local).cpu(), dev)  # [a_0 … a_{n-1}, ‖c − θ_0‖²]
+    a = products[:n]
+    gram = source.gram - a[:, None] - a[None, :] + float(products[n])  # <θ_i − c, θ_j − c>
     gram = (gram + gram.T) / 2
     proj = torch.eye(n, dtype=torch.float64) - (1.0 / n if centered else 0.0)
     inner = proj @ gram @ proj
@@ -425,7 +484,7 @@ def trajectory_surface(
         >>> s.losses.shape
         torch.Size([5, 5])
     """
-    numel = ParamSpec(model, params).numel
+    numel = _direction_numel(model, params)  # this process's rows when the model is sharded
     if not isinstance(plane, TrajectoryPlane) or plane.directions.shape != (2, numel):
         raise ValueError(f"`plane` must be a TrajectoryPlane with directions of shape [2, {numel}] (the model's).")
     x, y = plane_grid(plane.coords, steps, margin)

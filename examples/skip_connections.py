@@ -14,7 +14,11 @@ network, with ``lightning_landscape.functional``:
   with one shared colour scale (seed 0) and saved as ``<out>/skip_connections.png``;
 - the top Hessian eigenvalue (``hessian_eigenvalues``, Lanczos) and the most negative one (the top
   eigenvalue of the Hessian of the negated loss) at the trained weights, on the same probe set;
-- training and validation loss and accuracy (whole sets, eval mode).
+- training and validation loss and accuracy (whole sets, eval mode);
+- where the curvature lives: the top eigenvalue of each block's Hessian (the stem, every residual block, the
+  head; ``block_curvature``) on the same probe at the trained weights, and for seed 0 the same per block along
+  training (``HessianCallback(blocks=...)`` every epoch), drawn as the callback's ``hessian/blocks`` heatmap side
+  by side for both networks in ``<out>/skip_connections_blocks.png``.
 
 Scalars of the slice: ``rise_at_edge`` (mean loss on the grid's outer ring minus the loss at the centre)
 and the fraction of the grid below ``ln 10`` (the loss of a uniform guess over the ten classes), a crude
@@ -53,7 +57,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _report import report_seeds
 from quickstart import digits_loaders
 
+from lightning_landscape import HessianCallback
 from lightning_landscape import functional as LF
+from lightning_landscape.plotting import blocks_norm, draw_blocks_heatmap
 
 
 class Block(nn.Module):
@@ -115,6 +121,12 @@ def cross_entropy(model: nn.Module, batch: tuple[Tensor, Tensor]) -> Tensor:
     """The loss protocol of ``lightning_landscape.functional``: ``loss_fn(model, batch) -> scalar``."""
     x, y = batch
     return nn.functional.cross_entropy(model(x), y)
+
+
+def cross_entropy_net(net: nn.Module, batch: tuple[Tensor, Tensor]) -> Tensor:
+    """The same loss for the bare network (``DigitsResNet.net``)."""
+    x, y = batch
+    return nn.functional.cross_entropy(net(x), y)
 
 
 def negated_cross_entropy(model: nn.Module, batch: tuple[Tensor, Tensor]) -> Tensor:
@@ -191,9 +203,36 @@ def side_by_side_figure(results: dict[str, LF.SurfaceResult], eigen: dict[str, f
     return fig
 
 
+def network_blocks(blocks: int) -> dict[str, list[str]]:
+    """The network's parts as blocks for the per-block curvature: the stem (conv + BatchNorm), each residual
+    block, the head (names relative to ``DigitsResNet.net``)."""
+    parts = {"stem": ["0.*", "1.*"]}
+    parts.update({f"block {i + 1}": [f"{i + 3}.*"] for i in range(blocks)})
+    parts["head"] = [f"{blocks + 5}.*"]
+    return parts
+
+
+def blocks_figure(watched: dict[str, HessianCallback]) -> Figure:
+    """The callbacks' ``hessian/blocks`` heatmaps (top eigenvalue per block along training) side by side, on one
+    shared colour scale."""
+    histories = {name: cb.block_history for name, cb in watched.items()}
+    arrays = {name: np.array(list(h["eigenvalues"].values())) for name, h in histories.items()}
+    norm = blocks_norm(*arrays.values())
+    fig = Figure(figsize=(11, 4.2), dpi=80, layout="constrained")
+    image = None
+    for i, (name, history) in enumerate(histories.items()):
+        ax = fig.add_subplot(1, len(histories), i + 1)
+        names = list(history["eigenvalues"])
+        image = draw_blocks_heatmap(ax, names, history["steps"], arrays[name], f"{name}", norm=norm)
+    if image is not None:
+        fig.colorbar(image, ax=fig.axes, label="top eigenvalue of the block's Hessian (log scale)", shrink=0.9)
+    fig.suptitle("Which block is sharp when: HessianCallback(blocks=...)'s hessian/blocks, seed 0")
+    return fig
+
+
 def run_case(
     skip: bool, seed: int, args: argparse.Namespace, data: dict[str, Tensor]
-) -> tuple[LF.SurfaceResult, dict[str, float]]:
+) -> tuple[LF.SurfaceResult, dict[str, float], HessianCallback | None]:
     """Train the network with or without shortcuts from ``seed``, then slice and measure it."""
     pl.seed_everything(seed, verbose=False)  # the same initial weights with and without shortcuts
     model = DigitsResNet(blocks=args.blocks, width=args.width, skip=skip, epochs=args.epochs)
@@ -201,6 +240,9 @@ def run_case(
     train = DataLoader(TensorDataset(x_train, y_train), batch_size=64, shuffle=True,
                        generator=torch.Generator().manual_seed(seed))  # same batch order too  # fmt: skip
     probe = [(x_train[: args.probe], y_train[: args.probe])]  # fixed: the same images for every network
+    parts = network_blocks(args.blocks)
+    # seed 0: the per-block top eigenvalue along training, every epoch (its hessian/blocks heatmap)
+    watch = HessianCallback(every_n_epochs=1, blocks=parts, num_samples=args.probe) if seed == 0 else None
     trainer = pl.Trainer(
         max_epochs=args.epochs,
         accelerator="cpu",
@@ -210,10 +252,11 @@ def run_case(
         enable_model_summary=False,
         enable_progress_bar=False,
         limit_val_batches=0,
+        callbacks=[watch] if watch is not None else [],
     )
     start = time.perf_counter()
     trainer.fit(model, train)
-    train_seconds = time.perf_counter() - start
+    train_seconds = time.perf_counter() - start - (watch._fixed_spent if watch is not None else 0.0)
 
     start = time.perf_counter()
     dirs = LF.random_directions(model, torch.Generator().manual_seed(seed), count=2)  # same raw directions
@@ -225,32 +268,42 @@ def run_case(
         model, negated_cross_entropy, probe, k=1, max_hvps=60, generator=torch.Generator().manual_seed(2)
     )
     hessian_seconds = time.perf_counter() - start
+    start = time.perf_counter()
+    per_block = LF.block_curvature(model.net, cross_entropy_net, probe, parts, trace=False,
+                                   generator=torch.Generator().manual_seed(3))  # fmt: skip
+    block_seconds = time.perf_counter() - start
 
     train_loss, train_acc = evaluate(model, x_train, y_train)
     val_loss, val_acc = evaluate(model, x_val, y_val)
     finite = surface.losses[surface.losses.isfinite()]
     nonconvex, minima = slice_shape(surface)
-    return surface, {
-        "train loss": train_loss,
-        "train accuracy": train_acc,
-        "val loss": val_loss,
-        "val accuracy": val_acc,
-        "gap (val - train loss)": val_loss - train_loss,
-        "top eigenvalue": float(top.eigenvalues[0]),
-        "most negative eigenvalue": -float(bottom.eigenvalues[0]),
-        "|λ_min / λ_max|": abs(float(bottom.eigenvalues[0]) / float(top.eigenvalues[0])),
-        "eigen HVPs (top + bottom)": float(top.num_hvps + bottom.num_hvps),
-        "probe loss at centre": surface.center_loss,
-        "rise_at_edge": surface.rise_at_edge(),
-        "max loss on grid": float(finite.max()) if finite.numel() else math.nan,
-        "grid fraction below ln 10": float((surface.losses < math.log(10)).double().mean()),
-        "non-convex fraction of slice": nonconvex,
-        "local minima in slice": float(minima),
-        "nonfinite fraction": surface.nonfinite_fraction,
-        "seconds: training": train_seconds,
-        "seconds: 2D slice": slice_seconds,
-        "seconds: eigenvalues": hessian_seconds,
-    }
+    return (
+        surface,
+        {
+            "train loss": train_loss,
+            "train accuracy": train_acc,
+            "val loss": val_loss,
+            "val accuracy": val_acc,
+            "gap (val - train loss)": val_loss - train_loss,
+            "top eigenvalue": float(top.eigenvalues[0]),
+            "most negative eigenvalue": -float(bottom.eigenvalues[0]),
+            "|λ_min / λ_max|": abs(float(bottom.eigenvalues[0]) / float(top.eigenvalues[0])),
+            "eigen HVPs (top + bottom)": float(top.num_hvps + bottom.num_hvps),
+            "probe loss at centre": surface.center_loss,
+            "rise_at_edge": surface.rise_at_edge(),
+            "max loss on grid": float(finite.max()) if finite.numel() else math.nan,
+            "grid fraction below ln 10": float((surface.losses < math.log(10)).double().mean()),
+            "non-convex fraction of slice": nonconvex,
+            "local minima in slice": float(minima),
+            "nonfinite fraction": surface.nonfinite_fraction,
+            **{f"λ_max of {name}": value for name, value in per_block.eigenvalues.items()},
+            "seconds: training": train_seconds,
+            "seconds: 2D slice": slice_seconds,
+            "seconds: eigenvalues": hessian_seconds,
+            "seconds: per-block eigenvalues": block_seconds,
+        },
+        watch,
+    )
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
@@ -278,18 +331,21 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     columns = ["with skips", "without skips"]
     per_seed: dict[str, list[dict[str, float]]] = {c: [] for c in columns}
     surfaces: dict[str, LF.SurfaceResult] = {}
+    watched: dict[str, HessianCallback] = {}
     for seed in range(args.seeds):
         for name, skip in zip(columns, (True, False), strict=True):
-            surface, metrics = run_case(skip, seed, args, data)
+            surface, metrics, watch = run_case(skip, seed, args, data)
             per_seed[name].append(metrics)
             if seed == 0:
-                surfaces[name] = surface
+                surfaces[name], watched[name] = surface, watch
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     fig = side_by_side_figure(surfaces, {c: per_seed[c][0]["top eigenvalue"] for c in columns})
     path = out / "skip_connections.png"
     FigureCanvasAgg(fig).print_png(str(path))
+    blocks_path = out / "skip_connections_blocks.png"
+    FigureCanvasAgg(blocks_figure(watched)).print_png(str(blocks_path))
 
     setup = (
         f"{2 * args.blocks + 1} conv layers, width {args.width}, {args.epochs} epochs, {n_train} training images; "
@@ -298,7 +354,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     means = report_seeds(
         per_seed, columns, setup, [columns[1]], "the value without skips is higher", lambda v, ref: v > ref
     )
-    print(f"\nFigure (seed 0): {path}")
+    print(f"\nFigures (seed 0): {path}, {blocks_path}")
     return {f"{c}/{k}": v for c in columns for k, v in means[c].items()}
 
 

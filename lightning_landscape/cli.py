@@ -45,7 +45,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from lightning_landscape._lightning import NAMESPACES, default_namespace
+from lightning_landscape._lightning import NAMESPACES, default_namespace, namespace_of
 
 __all__ = ["MEASUREMENTS", "analyze", "build_parser", "compare", "main", "trajectory"]
 
@@ -67,9 +67,25 @@ HEADLINE = (
 
 
 # ------------------------------------------------------------------------------------------------ loading
-def _namespace_for(config: str) -> ModuleType:
-    """The Lightning package a config's class paths name (else the default one)."""
+def _namespace_for(config: str, model_class: str | None) -> ModuleType:
+    """The Lightning package of the run's LightningModule: that of ``model_class``, or of the config's
+    ``model.class_path``; else the one the config's class paths name; else the default one."""
     text = Path(config).read_text(encoding="utf-8")
+    path = model_class
+    if path is None:
+        try:
+            import yaml
+
+            model = (yaml.safe_load(text) or {}).get("model")
+            path = model.get("class_path") if isinstance(model, dict) else None
+        except Exception:  # an unreadable config: LightningCLI will say what is wrong with it
+            path = None
+    if isinstance(path, str) and "." in path:
+        try:
+            return namespace_of(_import(path, "--model_class" if model_class else "--config model.class_path"))
+        except SystemExit:
+            if model_class is not None:
+                raise
     for name in NAMESPACES:
         if name + "." in text:
             try:
@@ -97,7 +113,7 @@ def load_from_config(
     describes, and the Lightning package it uses. Nothing is trained."""
     if not Path(config).is_file():
         raise SystemExit(f"--config: no such file {config!r}.")
-    ns = _namespace_for(config)
+    ns = _namespace_for(config, model_class)
     try:
         cli_module = importlib.import_module(f"{ns.__name__}.cli")
         cli_module.LightningCLI.__init__  # noqa: B018 (LightningCLI needs jsonargparse: fail here, not later)

@@ -139,3 +139,11 @@ def test_trajectory_through_saved_checkpoints(checkpoints, tmp_path):
 def test_trajectory_needs_three_checkpoints(checkpoints, tmp_path):
     with pytest.raises(SystemExit, match="at least 3 checkpoints, found 0"):
         cli.main(["trajectory", "--config", CONFIG, "--ckpt_dir", str(tmp_path), "--no_progress"])
+
+
+def test_the_lightning_package_is_the_models_not_the_first_imported():
+    """With both packages imported (the unified one first), the run's LightningCLI is the model's package's."""
+    import lightning.pytorch  # noqa: F401
+
+    assert cli._namespace_for(CONFIG, None).__name__ == "pytorch_lightning"  # TinyClassifier's
+    assert cli._namespace_for(CONFIG, "_cli_module.TinyClassifier").__name__ == "pytorch_lightning"

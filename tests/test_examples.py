@@ -103,8 +103,11 @@ def test_skip_connections_fast(repo_stays_clean, capsys):
              "non-convex fraction of slice"]  # fmt: skip
     assert_finite(results, [f"{case}/{name}" for case in ("with skips", "without skips") for name in names])
     assert_png(tmp_path / "skip_connections.png")
+    assert_png(tmp_path / "skip_connections_blocks.png")
+    blocks = ["stem", "block 1", "block 4", "head"]  # --fast: 4 residual blocks
+    assert_finite(results, [f"{case}/λ_max of {b}" for case in ("with skips", "without skips") for b in blocks])
     out = capsys.readouterr().out
-    assert "with skips" in out and "without skips" in out and "top eigenvalue" in out
+    assert "with skips" in out and "without skips" in out and "top eigenvalue" in out and "λ_max of head" in out
 
 
 def test_batch_size_fast(repo_stays_clean, capsys):

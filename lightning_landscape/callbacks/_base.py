@@ -271,6 +271,19 @@ class MeasurementCallback(*callback_bases()):
                 f"module: double backward does not run under FSDP; got {method!r}."
             )
 
+    #: ``blocks=`` of the callbacks that take it, and what it resolved to on the module (at fit start)
+    blocks: Any = None
+    _block_params: dict[str, list[str]] | None = None
+
+    def _blocks_of(self, pl_module: LightningModule) -> dict[str, list[str]]:
+        """``{block: parameter names}`` of ``blocks=`` (none without it), resolved by :meth:`check_model` at fit
+        start, or now when measuring post hoc (validate/test has no fit start)."""
+        if self.blocks is None:
+            return {}
+        if self._block_params is None:
+            self.check_model(pl_module)
+        return self._block_params or {}
+
     def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict) -> None:
         """Say so when the checkpoint holds this callback's state under other arguments (it is then not restored).
         Under ``validate`` / ``test`` it notes the checkpoint's ``global_step``: the post-hoc measurement is logged

@@ -61,9 +61,11 @@ def _network_root(module: nn.Module) -> tuple[str, nn.Module]:
         prefix = f"{prefix}{name}."
 
 
-def resolve_blocks(module: nn.Module, blocks: BlocksArg, owner: str) -> dict[str, list[str]]:
+def resolve_blocks(
+    module: nn.Module, blocks: BlocksArg, owner: str, limit: int | None = MAX_BLOCK_TAGS
+) -> dict[str, list[str]]:
     """``{block name: [parameter names of module]}`` for the callback ``owner``; a ``ValueError`` (naming
-    ``blocks``) when a pattern matches nothing or there are more than :data:`MAX_BLOCK_TAGS` blocks.
+    ``blocks``) when a pattern matches nothing or there are more than ``limit`` blocks (``None``: no limit).
 
     Example:
         >>> class Module(nn.Module):
@@ -80,9 +82,9 @@ def resolve_blocks(module: nn.Module, blocks: BlocksArg, owner: str) -> dict[str
         found = split_blocks(root, blocks)
     except ValueError as err:
         raise ValueError(f"{owner}: `blocks`: {err}") from None
-    if len(found) > MAX_BLOCK_TAGS:
+    if limit is not None and len(found) > limit:
         raise ValueError(
-            f"{owner}: `blocks`={blocks!r} gives {len(found)} blocks, more than {MAX_BLOCK_TAGS} (one tag each would "
+            f"{owner}: `blocks`={blocks!r} gives {len(found)} blocks, more than {limit} (one tag each would "
             "flood the logger); use a coarser split ('module') or a mapping that groups them, e.g. "
             '{"encoder": "encoder.*", "head": "head.*"}.'
         )

@@ -195,13 +195,6 @@ class SharpnessCallback(MeasurementCallback):
                 raise ValueError("SharpnessCallback: `blocks` is not supported for a sharded (FSDP2) module.")
             self._block_params = resolve_blocks(pl_module, self.blocks, type(self).__name__)
 
-    def _blocks_of(self, pl_module: LightningModule) -> dict[str, list[str]]:
-        if self.blocks is None:
-            return {}
-        if self._block_params is None:  # measuring post hoc (validate/test): no fit start
-            self.check_model(pl_module)
-        return self._block_params or {}
-
     @property
     def needs_val_probe(self) -> bool:
         return self.generalization

@@ -25,7 +25,7 @@ import functools
 import itertools
 import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -514,6 +514,7 @@ def block_curvature(
     hvp_method: str = "auto",
     eval_mode: bool = True,
     products: str = "auto",
+    reduce_fn: Callable[[Tensor], Tensor] | None = None,
 ) -> BlockResult:
     """Top Hessian eigenvalue and trace of every parameter block of ``model``, computed together.
 
@@ -540,6 +541,8 @@ def block_curvature(
             ``"shared"`` (one operator over all blocks, their rows batched), ``"per_block"`` (one operator per
             block, each product restricted to the block) or ``"auto"`` (``"per_block"`` on a CPU, else
             ``"shared"``).
+        reduce_fn: sums a tensor over processes (DDP: every process holds its own probe batches; the products
+            and losses are then the sample-weighted means over all of them, as ``LossOperator``'s ``reduce_fn``).
 
     Example:
         >>> torch.manual_seed(0) and None
@@ -560,7 +563,7 @@ def block_curvature(
     if products == "auto":
         device = next(p.device for p in model.parameters() if p.requires_grad)
         products = "per_block" if device.type == "cpu" else "shared"
-    options = {"hvp_method": hvp_method, "eval_mode": eval_mode}
+    options = {"hvp_method": hvp_method, "eval_mode": eval_mode, "reduce_fn": reduce_fn}
     estimate = functools.partial(
         _estimate,
         eigenvalues=eigenvalues,

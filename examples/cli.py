@@ -13,6 +13,16 @@ trainer, the TensorBoard logger, the three lightning-landscape callbacks with th
 
 At the end of ``fit`` the last value of every logged metric is printed as a table; the images are in
 TensorBoard (``tensorboard --logdir lightning_logs``).
+
+Checkpoints of two such runs (SGD, then SAM) compared after the fact, with no Python: the ``lightning-landscape``
+command reads the same YAML (this config's model has no ``class_path``, so the classes are named)::
+
+    python examples/cli.py fit --config examples/config.yaml --trainer.enable_checkpointing=true --trainer.callbacks=[]
+    python examples/cli.py fit --config examples/config.yaml --trainer.enable_checkpointing=true \
+        --trainer.callbacks=[] --model.sam=true
+    PYTHONPATH=examples lightning-landscape compare lightning_logs/cli/version_0/checkpoints/*.ckpt \
+        lightning_logs/cli/version_1/checkpoints/*.ckpt --names sgd,sam --config examples/config.yaml \
+        --model_class quickstart.DigitsCNN --datamodule_class cli.DigitsDataModule --output cmp
 """
 
 from __future__ import annotations

@@ -147,3 +147,22 @@ def test_the_lightning_package_is_the_models_not_the_first_imported():
 
     assert cli._namespace_for(CONFIG, None).__name__ == "pytorch_lightning"  # TinyClassifier's
     assert cli._namespace_for(CONFIG, "_cli_module.TinyClassifier").__name__ == "pytorch_lightning"
+
+
+@pytest.mark.slow
+def test_analyze_under_ddp_two_processes(checkpoints, tmp_path):
+    """``--devices 2``: Lightning's DDP relaunches the command; both ranks measure, rank zero writes the report."""
+    import os
+
+    out = tmp_path / "ddp"
+    env = {k: v for k, v in os.environ.items() if k not in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_PORT")}
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parent), env.get("PYTHONPATH", "")])
+    command = [sys.executable, "-m", "lightning_landscape.cli", "analyze", "--config", CONFIG, "--ckpt_path",
+               checkpoints[1], "--output", str(out), "--measure", "hessian", "--devices", "2", "--accelerator",
+               "cpu", "--no_progress"]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, timeout=240, env=env, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads((out / "report.json").read_text())
+    # each rank probes 2 batches of its half of the data; the products are averaged over both ranks' probes
+    assert report["global_step"] == 16 and report["metrics"]["hessian/eigenvalue_1"] > 0
+    assert done.stdout.count("| hessian/eigenvalue_1 |") == 1  # only rank zero prints the table

@@ -13,31 +13,89 @@ On a probe batch of digits (``--samples``), after ``--train-steps`` of SGD, it t
    that is faster per row) and ``products="per_block"`` (one operator per block, each product restricted to its
    block); the target: within 3x of line 1 for up to 20 blocks;
 3. ``blocks one by one``: ``hessian_eigenvalues(params=block)`` for each block in turn (what a user writes
-   without :func:`block_curvature`; hessian-eigenthings v1's ``param_filter`` blocks would be the same shape, one
-   solver run per block, and are compared only when it is installed);
-4. the blocks' traces: Hutch++ per block (``--trace-samples`` products each, exact for smaller blocks) by
+   without :func:`block_curvature`);
+4. the peers, each on the whole model and block by block, when importable from ``--peers-path`` (else one
+   "peer not found" line): hessian-eigenthings v1, ``HessianOperator(..., param_filter=match_names(*block))`` and
+   ``lanczos(op, k=1, max_iter=m, which="LA")`` per block (one solver run per block, as that library offers it),
+   ``m`` per block the smallest ``max_iter`` whose eigenvalue is within 1e-3 of the block's reference (found
+   by scanning before timing: an oracle; it has no adaptive stop); curvlinops 3,
+   ``HessianLinearOperator(model, CrossEntropyLoss(), block_params, batches)`` (its defaults, so
+   ``check_deterministic=True``) with ``scipy.sparse.linalg.eigsh(op.to_scipy(), k=1, which="LA", tol=1e-3)``
+   per block (its ``block_sizes`` give the block-diagonal matrix, whose top eigenvalue is only the largest
+   block's); every product counted by a wrapper around the library's product;
+5. the blocks' traces: Hutch++ per block (``--trace-samples`` products each, exact for smaller blocks) by
    ``block_curvature`` (with the faster ``products`` of step 2) and one by one (``hessian_trace(params=block)``).
 
-Every run uses ``tol=1e-3`` and ``hvp_method="auto"``; HVPs count each row of a batched product as one.
+The eigenvalue runs (1–4) are interleaved: ``--repeats`` rounds, each calling every candidate once in an order
+rotated from round to round; medians and paired ratios (the median of the per-round ratios to the whole-model
+top-1 of the same library). Every eigenvalue is compared with a reference: scipy's ``eigsh`` (tol 1e-10) on a plain
+float64 double-backward product of the block (or of the whole model) written in this script. Every run uses
+``tol=1e-3`` and ``hvp_method="auto"``; HVPs count each row of a batched product as one.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
+import statistics
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
+from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(1, str(Path(__file__).resolve().parents[1]))
 from _bench_models import digits_net, load_digits, loss_fn, machine_info, set_threads, timed, train_sgd
+from curvature import count_method, counted_lambda, plain_hessian_top
+from hessian import import_peer, interleaved, paired_ratio
 
 from lightning_landscape.functional.blocks import block_curvature, split_blocks
 from lightning_landscape.functional.eigen import hessian_eigenvalues
 from lightning_landscape.functional.trace import hessian_trace
 
-WIDTHS = (16, 6, 10, 5, 12, 10)
+WIDTHS = (16, 6, 10, 5, 12, 10, 11)
+TOL = 1e-3
+
+
+def reference_top(model: nn.Module, batch: tuple[Tensor, Tensor], names: list[str]) -> float:
+    """Top eigenvalue of the Hessian block of ``names`` to ~1e-10 (see ``curvature.plain_hessian_top``)."""
+    return float(plain_hessian_top(model, batch, names, 1)[0])
+
+
+def rel_err(value: float, ref: float) -> float:
+    return abs(value - ref) / abs(ref)
+
+
+def eigenthings_top1(he: Any, model: nn.Module, batches: list, names: list[str] | None, m: int) -> tuple[float, int]:
+    """hessian-eigenthings' Lanczos top-1 with ``max_iter=m`` on the block ``names`` (all parameters: None)."""
+    pf = None if names is None else he.match_names(*names)
+    op, count = counted_lambda(he, he.HessianOperator(model, batches, loss_fn, param_filter=pf))
+    r = he.lanczos(op, k=1, max_iter=min(m, op.size), tol=TOL, which="LA", seed=0)
+    return float(r.eigenvalues[0]), count[0]
+
+
+def eigenthings_oracle(he: Any, model: nn.Module, batches: list, names: list[str] | None, ref: float) -> int:
+    """The smallest ``max_iter`` whose eigenvalue is within 1e-3 of ``ref`` (scanned upwards; at most 200)."""
+    size = sum(p.numel() for n, p in model.named_parameters() if names is None or n in names)
+    for m in range(1, min(size, 200) + 1):
+        if rel_err(eigenthings_top1(he, model, batches, names, m)[0], ref) <= TOL:
+            return m
+    return min(size, 200)
+
+
+def curvlinops_top1(cl: Any, model: nn.Module, batches: list, names: list[str] | None) -> tuple[float, int]:
+    """curvlinops' Hessian restricted to ``names`` (all: None) and scipy's ``eigsh`` (tol 1e-3)."""
+    from scipy.sparse.linalg import eigsh
+
+    with count_method(cl.HessianLinearOperator, "_matmat_batch", lambda X, y, M: M[0].shape[-1]) as count:
+        params = [p for n, p in model.named_parameters() if p.requires_grad and (names is None or n in names)]
+        op = cl.HessianLinearOperator(model, nn.CrossEntropyLoss(), params, batches)
+        v0 = np.random.default_rng(0).standard_normal(op.shape[0])
+        (lam,) = eigsh(op.to_scipy(), k=1, which="LA", tol=TOL, v0=v0, return_eigenvectors=False)
+    return float(lam), count[0]
 
 
 def main() -> None:
@@ -51,12 +109,16 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--quick", action="store_true", help="one repeat, no warm-up")
+    parser.add_argument("--peers-path", default="/tmp/peers", help="folder the peers were pip-installed into")
+    parser.add_argument("--quick", action="store_true", help="one round, no warm-up")
     args = parser.parse_args()
     device = torch.device(args.device)
     set_threads(args.threads, device)
     repeats, warmup = (1, 0) if args.quick else (args.repeats, 1)
     print(machine_info(device))
+    he, he_why = import_peer(args.peers_path, "hessian_eigenthings", needs="HessianOperator")
+    cl, cl_why = import_peer(args.peers_path, "curvlinops")
+    print(f"peer hessian-eigenthings: {he_why}\npeer curvlinops: {cl_why}")
 
     x, y = load_digits(device, seed=0)
     torch.manual_seed(0)
@@ -71,56 +133,126 @@ def main() -> None:
     )
     if len(blocks) > 20:
         print(f"note: {len(blocks)} blocks, more than the target's 20")
+    dense = {name: reference_top(model, batches[0], names) for name, names in blocks.items()}
+    all_names = [name for name, p in model.named_parameters() if p.requires_grad]
+    dense_whole = reference_top(model, batches[0], all_names)
 
     def gen() -> torch.Generator:
         return torch.Generator().manual_seed(0)
 
-    whole, t_whole = timed(
-        lambda: hessian_eigenvalues(model, loss_fn, batches, k=1, generator=gen()), device, repeats, warmup
-    )
-    runs = {
-        source: timed(
-            lambda source=source: block_curvature(
+    fns: dict[str, Callable[[], Any]] = {
+        "whole": lambda: hessian_eigenvalues(model, loss_fn, batches, k=1, generator=gen()),
+        **{
+            source: lambda source=source: block_curvature(
                 model, loss_fn, batches, blocks, trace=False, generator=gen(), products=source
-            ),
-            device, repeats, warmup,
-        )
-        for source in ("shared", "per_block")
-    }  # fmt: skip
-    batched, t_batched = runs["shared"]
-    restricted, t_restricted = runs["per_block"]
-
-    def one_by_one() -> dict:
-        return {
+            )
+            for source in ("shared", "per_block")
+        },
+        "loop": lambda: {
             name: hessian_eigenvalues(model, loss_fn, batches, k=1, params=names, generator=gen())
             for name, names in blocks.items()
+        },
+    }
+    if he is not None:
+        m_whole = eigenthings_oracle(he, model, batches, None, dense_whole)
+        m_block = {name: eigenthings_oracle(he, model, batches, names, dense[name]) for name, names in blocks.items()}
+        fns["he whole"] = lambda: eigenthings_top1(he, model, batches, None, m_whole)
+        fns["he blocks"] = lambda: {
+            name: eigenthings_top1(he, model, batches, names, m_block[name]) for name, names in blocks.items()
         }
-
-    loop, t_loop = timed(one_by_one, device, repeats, warmup)
-    loop_hvps = sum(r.num_hvps for r in loop.values())
-    diff = max(
-        abs(batched.eigenvalues[k] - float(r.eigenvalues[0])) / abs(float(r.eigenvalues[0])) for k, r in loop.items()
-    )
-    converged = sum(batched.converged.values())
+    if cl is not None:
+        fns["cl whole"] = lambda: curvlinops_top1(cl, model, batches, None)
+        fns["cl blocks"] = lambda: {name: curvlinops_top1(cl, model, batches, names) for name, names in blocks.items()}
+    out = {key: fn() for key, fn in fns.items()}  # warm-up, and the values reported
+    times = interleaved(fns, device, repeats)
+    med = {key: statistics.median(ts) for key, ts in times.items()}
+    whole, batched, restricted, loop = out["whole"], out["shared"], out["per_block"], out["loop"]
 
     b = len(blocks)
-    print(f"\n{'top eigenvalue':<34}{'seconds':>10}{'HVPs':>8}{'x whole':>10}")
-    for label, seconds, hvps in (
-        ("whole model, top-1", t_whole, whole.num_hvps),
-        (f"{b} blocks, products='shared'", t_batched, batched.total_hvps),
-        (f"{b} blocks, products='per_block'", t_restricted, restricted.total_hvps),
-        (f"{b} blocks one by one", t_loop, loop_hvps),
-    ):
-        print(f"{label:<34}{seconds:>10.3f}{hvps:>8}{seconds / t_whole:>10.2f}")
+
+    def block_err(values: dict[str, float]) -> str:
+        return f"{max(rel_err(values[k], dense[k]) for k in blocks):.1e}"
+
+    rows: list[tuple[str, str, Any, str, str]] = [
+        (
+            "ours whole model, top-1",
+            "whole",
+            whole.num_hvps,
+            f"{rel_err(float(whole.eigenvalues[0]), dense_whole):.1e}",
+            "whole",
+        ),
+        (f"ours {b} blocks, products='shared'", "shared", batched.total_hvps, block_err(batched.eigenvalues), "whole"),
+        (
+            f"ours {b} blocks, products='per_block'",
+            "per_block",
+            restricted.total_hvps,
+            block_err(restricted.eigenvalues),
+            "whole",
+        ),
+        (
+            f"ours {b} blocks one by one",
+            "loop",
+            sum(r.num_hvps for r in loop.values()),
+            block_err({k: float(r.eigenvalues[0]) for k, r in loop.items()}),
+            "whole",
+        ),
+    ]
+    if he is not None:
+        rows += [
+            (
+                f"eigenthings whole, max_iter {m_whole}",
+                "he whole",
+                out["he whole"][1],
+                f"{rel_err(out['he whole'][0], dense_whole):.1e}",
+                "he whole",
+            ),
+            (
+                f"eigenthings {b} blocks, param_filter",
+                "he blocks",
+                sum(v[1] for v in out["he blocks"].values()),
+                block_err({k: v[0] for k, v in out["he blocks"].items()}),
+                "he whole",
+            ),
+        ]
+    if cl is not None:
+        rows += [
+            (
+                "curvlinops whole, eigsh",
+                "cl whole",
+                out["cl whole"][1],
+                f"{rel_err(out['cl whole'][0], dense_whole):.1e}",
+                "cl whole",
+            ),
+            (
+                f"curvlinops {b} blocks, eigsh",
+                "cl blocks",
+                sum(v[1] for v in out["cl blocks"].values()),
+                block_err({k: v[0] for k, v in out["cl blocks"].items()}),
+                "cl whole",
+            ),
+        ]
+    print(f"\ntop eigenvalue, {repeats} interleaved rounds (medians; paired: median of per-round ratios)")
+    head = ("", "seconds", "HVPs", "x ours whole", "x own whole", "max rel err")
+    print(f"{head[0]:<40}{head[1]:>9}{head[2]:>7}{head[3]:>14}{head[4]:>13}{head[5]:>13}")
+    for label, key, hvps, err, own in rows:
+        print(
+            f"{label:<40}{med[key]:>9.3f}{hvps:>7}{paired_ratio(times, key, 'whole'):>13.2f}x"
+            f"{paired_ratio(times, key, own):>12.2f}x{err:>13}"
+        )
     print(
-        f"largest relative difference of the block eigenvalues from one by one {diff:.1e}; {converged}/{b} converged;"
-        f" hvp_method {batched.hvp_method}; 'shared' sent rows {'batched' if batched.rows_batched else 'one at a time'}"
+        "max rel err: the largest over the blocks of |λ - λ_ref| / |λ_ref|, λ_ref: scipy eigsh (tol 1e-10) on a plain"
+        f" float64 double-backward product of the block"
+        f" (whole model: λ_ref {dense_whole:.6g});"
+        f" {sum(batched.converged.values())}/{b} converged ('shared'); hvp_method {batched.hvp_method}; 'shared' sent"
+        f" rows {'batched' if batched.rows_batched else 'one at a time'}"
     )
-    best = min(t_batched, t_restricted)
-    print(f"target (issue 15): blocks within 3x of whole top-1: {'met' if best <= 3 * t_whole else 'NOT met'}")
+    if he is not None:
+        print(f"eigenthings oracle max_iter per block: {list(m_block.values())} (whole model: {m_whole})")
+    best = min(paired_ratio(times, key, "whole") for key in ("shared", "per_block"))
+    print(f"target (issue 15): blocks within 3x of whole top-1: {best:.2f}x, {'met' if best <= 3 else 'NOT met'}")
 
     samples = args.trace_samples
-    best_source = "shared" if t_batched <= t_restricted else "per_block"
+    best_source = "shared" if med["shared"] <= med["per_block"] else "per_block"
     traces, t_traces = timed(
         lambda: block_curvature(model, loss_fn, batches, blocks, eigenvalues=False, trace_samples=samples,
                                 generator=gen(), products=best_source),
@@ -140,16 +272,14 @@ def main() -> None:
         ("hessian_trace one by one", t_loop_tr, sum(r.num_hvps for r in loop_tr.values())),
     ):
         print(f"{label:<34}{seconds:>10.3f}{hvps:>8}")
-    head = ("block", "size", "top eig", "HVPs", "trace", "± stderr")
+    head = ("block", "size", "top eig", "HVPs", "trace", "± stderr", "ref eig")
     print("\n" + "".join(f"{h:>{w}}" if i else f"{h:<16}" for i, (h, w) in enumerate(zip(head, WIDTHS, strict=True))))
     for name in blocks:
         print(
             f"{name:<16}{batched.sizes[name]:>6}{batched.eigenvalues[name]:>10.4g}{batched.num_hvps[name]:>5}"
-            f"{traces.traces[name]:>12.4g}{traces.trace_stderr[name]:>10.2g}"
+            f"{traces.traces[name]:>12.4g}{traces.trace_stderr[name]:>10.2g}{dense[name]:>11.4g}"
         )
     print("(stderr: Hutch++'s Hutchinson part's; 0 where exact: blocks of at most --trace-samples parameters)")
-    if importlib.util.find_spec("hessian_eigenthings") is None:
-        print("\nhessian-eigenthings is not installed: compared with our own one-run-per-block loop only.")
 
 
 if __name__ == "__main__":

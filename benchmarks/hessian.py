@@ -36,6 +36,7 @@ import sys
 import time
 import warnings
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -87,6 +88,13 @@ def parse_args() -> argparse.Namespace:
         help="only the fixed costs per call (issue 14): gradient and cold top-1 against their targets",
     )
     p.add_argument("--small-repeats", type=int, default=20, help="interleaved repetitions of the --small-end section")
+    p.add_argument(
+        "--clock",
+        choices=("wall", "cpu"),
+        default="wall",
+        help="what --small-end times: wall time, or this thread's CPU time (time.thread_time: on a shared, busy CPU"
+        " it leaves out the time the process waited descheduled; CPU device only)",
+    )
     args = p.parse_args()
     if args.quick:
         args.trace_seeds, args.repeats, args.hvp_repeats = 3, 1, 5
@@ -142,6 +150,21 @@ class Peers:
             self.skipped["hessian-eigenthings"] = f"{type(err).__name__}: {err}"
 
 
+def import_peer(path: str, module: str, needs: str | None = None) -> tuple[Any, str]:
+    """``(module or None, one line saying what was found)``: ``module`` imported with ``path`` (the folder the
+    peers were pip-installed into) first on ``sys.path``; ``needs``: an attribute the module must have."""
+    if path and os.path.isdir(path) and path not in sys.path:
+        sys.path.insert(0, path)
+    try:
+        mod = importlib.import_module(module)
+        if needs is not None and not hasattr(mod, needs):
+            raise ImportError(f"this version lacks {needs}")
+    except Exception as err:
+        return None, f"peer not found ({type(err).__name__}: {err}; looked in {path or 'sys.path'}): ours only"
+    dist = {"curvlinops": "curvlinops-for-pytorch", "hessian_eigenthings": "hessian-eigenthings"}.get(module, module)
+    return mod, f"{dist} {_dist_version(dist)} from {Path(mod.__file__).parent.parent}"
+
+
 def _dist_version(name: str) -> str:
     try:
         return importlib.metadata.version(name)
@@ -178,23 +201,34 @@ def pyhessian_counter(peers: Peers, record: list[float] | None = None):
 def our_product_counter():
     """Count every Hessian-vector product our ``LossOperator`` computes, including the probe product that
     ``hvp_method="auto"`` spends choosing a method (which ``num_hvps`` leaves out). Wraps the private
-    ``LossOperator._local_hvp`` for the duration; yields ``[None]`` if that method no longer exists."""
+    ``LossOperator._local_hvp`` (and ``_kept_hvp``, the settled single products' way) for the duration; yields
+    ``[None]`` if ``_local_hvp`` no longer exists."""
     cls = importlib.import_module("lightning_landscape.functional.hvp").LossOperator
     original = getattr(cls, "_local_hvp", None)
     if original is None:
         yield [None]
         return
+    kept = getattr(cls, "_kept_hvp", None)  # settled single products skip _local_hvp (None: not taken)
     count = [0]
 
     def counting(self, vectors, *args, **kwargs):
         count[0] += vectors.shape[0]
         return original(self, vectors, *args, **kwargs)
 
+    def counting_kept(self, vectors):
+        out = kept(self, vectors)
+        count[0] += 0 if out is None else vectors.shape[0]
+        return out
+
     cls._local_hvp = counting
+    if kept is not None:
+        cls._kept_hvp = counting_kept
     try:
         yield count
     finally:
         cls._local_hvp = original
+        if kept is not None:
+            cls._kept_hvp = kept
 
 
 def hvps_text(num_hvps: int, counted: int | None) -> str:
@@ -578,10 +612,12 @@ def interleaved(
     device: torch.device,
     repeats: int,
     setup: dict[str, Callable[[], Any]] | None = None,
+    clock: Callable[[], float] = time.perf_counter,
 ) -> dict[str, list[float]]:
     """Seconds of every call of each function over ``repeats`` rounds; each round calls every function once, in an
     order rotated from round to round (so that load drifting on a shared machine hits all of them alike).
-    ``setup[name]()``, when given, runs untimed just before each call of ``fns[name]``."""
+    ``setup[name]()``, when given, runs untimed just before each call of ``fns[name]``; ``clock``: what is read
+    (``time.thread_time`` for CPU time)."""
     names = list(fns)
     setup = setup or {}
     times: dict[str, list[float]] = {name: [] for name in names}
@@ -590,10 +626,10 @@ def interleaved(
             if name in setup:
                 setup[name]()
             sync(device)
-            t0 = time.perf_counter()
+            t0 = clock()
             fns[name]()
             sync(device)
-            times[name].append(time.perf_counter() - t0)
+            times[name].append(clock() - t0)
     return times
 
 
@@ -639,7 +675,7 @@ def small_end_section(ctx: dict[str, Any], peers: Peers, args: argparse.Namespac
                 if name == "first":
                     fresh_operator()
                 fn()
-        times = interleaved(fns, device, reps, setup={"first": fresh_operator})
+        times = interleaved(fns, device, reps, setup={"first": fresh_operator}, clock=ctx["clock"])
     med = {name: statistics.median(ts) for name, ts in times.items()}
     ratio = paired_ratio(times, "steady", "plain")
     rows = [
@@ -661,7 +697,7 @@ def small_end_section(ctx: dict[str, Any], peers: Peers, args: argparse.Namespac
         ["ours LossOperator(...) built, entered and exited", fmt_time(med["construct"]), "", "", ""],
     ]
     notes += [
-        f"median of {reps} interleaved rounds (order rotated per round) after 2 warm-up calls"
+        f"median of {reps} interleaved rounds (order rotated per round) after 2 warm-up calls, {ctx['clock_name']}"
         + (", torch.cuda.synchronize around each call." if device.type == "cuda" else "."),
         "later calls: one LossOperator built and entered before timing (as a callback does per measurement);",
         "  first call: a fresh operator built and entered outside the timed call, so that row is the gradient plus",
@@ -711,7 +747,7 @@ def small_end_section(ctx: dict[str, Any], peers: Peers, args: argparse.Namespac
             notes.append(f"eigenthings Lanczos did not reach 1e-3 within max_iter {args.max_hvps}: not timed.")
     for fn in fns.values():  # warm-up
         fn()
-    times = interleaved(fns, device, reps)
+    times = interleaved(fns, device, reps, clock=ctx["clock"])
     med = {name: statistics.median(ts) for name, ts in times.items()}
     he_time = med.get("he")
     labels = {
@@ -745,7 +781,8 @@ def small_end_section(ctx: dict[str, Any], peers: Peers, args: argparse.Namespac
     if he is None:
         rows.append(["eigenthings Lanczos", "skipped", "-", "-", "-", "-", "-", "-", ""])
     notes += [
-        f"median of {reps} interleaved rounds (order rotated per round) after one warm-up call each; seed {seed};",
+        f"median of {reps} interleaved rounds (order rotated per round) after one warm-up call each,",
+        f"  {ctx['clock_name']}; seed {seed};",
         f"  reference lambda_max {ref:.8g} ({ctx['ref_kind']}).",
         "ours cold: LF.hessian_eigenvalues(model, loss_fn, batches, k=1, tol=1e-3, generator=...) timed whole:",
         "  LossOperator construction, enter/exit, hvp_method='auto' choosing its method, the exact-product check,",
@@ -829,6 +866,11 @@ def main() -> None:
     )
 
     ctx: dict[str, Any] = {"model": model, "batches": batches, "device": device, "numel": numel}
+    if args.clock == "cpu" and device.type != "cpu":
+        raise SystemExit("--clock cpu times the CPU thread: only for --device cpu")
+    cpu = args.clock == "cpu"
+    ctx["clock"] = time.thread_time if cpu else time.perf_counter
+    ctx["clock_name"] = "CPU time of this thread (time.thread_time)" if cpu else "wall time"
     if numel <= args.dense_max:
         h = dense_hessian(model, batches[0])
         evals = torch.linalg.eigvalsh(h)

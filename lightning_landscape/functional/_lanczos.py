@@ -25,7 +25,9 @@ from ._space import EUCLIDEAN, VectorSpace
 MatVec = Callable[[Tensor], Tensor]
 # stop(alpha [j+1], beta [j+1], step) -> True to stop; only called for a single chain
 StopRule = Callable[[Tensor, Tensor, int], bool]
-# stop(t [m, m], residual [p, m]) -> True to stop; float64 on the CPU (see `block_lanczos`)
+# stop(t [m, m], residual [p, m]) -> True to stop; float64 on the CPU (see `block_lanczos`). A rule may carry
+# `stop.scalar(t, beta) -> bool`, the same rule for one start vector, whose residual row (0, ..., 0, beta) comes as
+# the number beta (0.0: deflated, no row): the plain path then asks that form and builds no tensor per step
 BlockStopRule = Callable[[Tensor, Tensor], bool]
 
 
@@ -320,6 +322,7 @@ def _single_lanczos(
     t = torch.zeros(cap, cap, dtype=torch.float64)
     entries = t.view(-1)  # T's entries are written through this flat view (cheaper than 2-d indexing)
     on_cpu = device.type == "cpu"
+    scalar = getattr(stop, "scalar", None)  # a rule's form taking the residual as a number
 
     def fresh(m: int) -> Tensor:  # a random unit direction orthogonal to the basis
         v = _project_out(space.gaussian(1, n, generator, dtype, device), basis[:m], space)
@@ -349,12 +352,21 @@ def _single_lanczos(
         s = s_next
         scale = max(scale, abs(alpha), s)
         kept = s > deflation_tol * eps * scale
-        residual = torch.tensor([[0.0] * (m - 1) + [s]] if kept else [[]] * 0, dtype=torch.float64).reshape(-1, m)
-        if (stop is not None and stop(t[:m, :m], residual)) or m == cap:
+        if scalar is not None:  # the rule takes the residual row (0, ..., 0, s) as the number s (0: none)
+            halt = scalar(t[:m, :m], s if kept else 0.0)
+        else:
+            halt = stop is not None and stop(t[:m, :m], _residual_row(s, kept, m))
+        if halt or m == cap:
             break
         if kept:  # the next direction: the residual over its norm, coupled by it
             q = w * (1.0 / s)
         else:  # an invariant subspace: a fresh random direction, coupling zero
             q, s = fresh(m), 0.0
             num_fresh += 1
-    return BlockLanczosRun(t[:m, :m].clone(), basis[:m], residual, m, num_fresh)
+    return BlockLanczosRun(t[:m, :m].clone(), basis[:m], _residual_row(s, kept, m), m, num_fresh)
+
+
+def _residual_row(s: float, kept: bool, m: int) -> Tensor:
+    """The residual block of a plain Lanczos run after ``m`` steps: the row ``(0, ..., 0, s)``, or no row once the
+    last residual was deflated."""
+    return torch.tensor([[0.0] * (m - 1) + [s]] if kept else [[]] * 0, dtype=torch.float64).reshape(-1, m)

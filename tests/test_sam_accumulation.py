@@ -10,6 +10,7 @@ import pytest
 import torch
 from _lightning import DigitsModule
 from test_sam import LR, RHO, RecordingLogger, SAMDigits, fit, loss_of, max_diff, train_batches
+from test_sam_variants import looksam_component, looksam_update
 from torch import nn
 
 from lightning_landscape.sam import SAMMixin
@@ -123,16 +124,12 @@ def test_every_n_steps_and_reuse_with_accumulation(tmp_path):
     windows = [b[0:2], b[2:4], b[0:2]]
     net = copy.deepcopy(start).double()
     params = list(net.parameters())
-
-    def flat(ts):
-        return torch.cat([t.reshape(-1) for t in ts])
-
     g_v = None
     for step, window in enumerate(windows):
         g = window_grad(net, window, k)
         if step % 2 == 1:  # global_step 1: the 2nd step is a SAM step
             with torch.no_grad():
-                norm = flat(g).norm()
+                norm = torch.sqrt(sum((gi**2).sum() for gi in g))
                 w = [p.clone() for p in params]
                 for p, gi in zip(params, g, strict=True):
                     p.add_(RHO * gi / norm)
@@ -140,14 +137,10 @@ def test_every_n_steps_and_reuse_with_accumulation(tmp_path):
             with torch.no_grad():
                 for p, wi in zip(params, w, strict=True):
                     p.copy_(wi)
-            fg, fs = flat(g), flat(update)
-            g_v = fs - (fs @ fg) / (fg @ fg) * fg
+                g_v = looksam_component(g, update)
         elif g_v is not None:
-            fg = flat(g)
-            extra = alpha * fg.norm() / g_v.norm() * g_v
-            update = [
-                gi + e.reshape(gi.shape) for gi, e in zip(g, torch.split(extra, [p.numel() for p in g]), strict=True)
-            ]
+            with torch.no_grad():
+                update = looksam_update(g, g_v, alpha)
         else:
             update = g
         with torch.no_grad():

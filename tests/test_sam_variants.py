@@ -64,21 +64,31 @@ def reference(
             with torch.no_grad():
                 for p, wi in zip(params, w, strict=True):
                     p.copy_(wi)
-                dot = sum((a * b).sum() for a, b in zip(g, gs, strict=True))
-                gg = sum((a * a).sum() for a in g)
-                g_v = [b - dot / gg * a for a, b in zip(g, gs, strict=True)]
+                g_v = looksam_component(g, gs)
             update = gs
         elif alpha is not None and g_v is not None:
             with torch.no_grad():
-                gnorm = torch.sqrt(sum((a * a).sum() for a in g))
-                vnorm = torch.sqrt(sum((v * v).sum() for v in g_v))
-                update = [a + alpha * gnorm / vnorm * v for a, v in zip(g, g_v, strict=True)]
+                update = looksam_update(g, g_v, alpha)
         else:
             update = g
         for p, u in zip(params, update, strict=True):
             p.grad = u.detach().clone()
         opt.step()
     return [p.detach() for p in params]
+
+
+def looksam_component(g: list[torch.Tensor], g_sam: list[torch.Tensor]) -> list[torch.Tensor]:
+    """LookSAM's ``g_v``: the part of ``g_sam`` orthogonal to ``g`` (over all tensors together)."""
+    dot = sum((a * b).sum() for a, b in zip(g, g_sam, strict=True))
+    gg = sum((a * a).sum() for a in g)
+    return [b - dot / gg * a for a, b in zip(g, g_sam, strict=True)]
+
+
+def looksam_update(g: list[torch.Tensor], g_v: list[torch.Tensor], alpha: float) -> list[torch.Tensor]:
+    """A plain step's gradient under LookSAM: ``g + α·‖g‖/‖g_v‖·g_v``."""
+    gnorm = torch.sqrt(sum((a * a).sum() for a in g))
+    vnorm = torch.sqrt(sum((v * v).sum() for v in g_v))
+    return [a + alpha * gnorm / vnorm * v for a, v in zip(g, g_v, strict=True)]
 
 
 def fit_full_batch(module, tmp_path, steps: int, callbacks=(), ckpt_path=None, **kwargs) -> None:

@@ -21,7 +21,7 @@ import copy
 import pytest
 import torch
 from test_sam import LR, RHO, RecordingLogger, SAMDigits, fit, fp16_plugin, loss_of, max_diff, train_batches
-from test_sam_variants import LoggedDigits, bn_net
+from test_sam_variants import LoggedDigits, bn_net, looksam_component, looksam_update
 from test_sam_variants import reference as float64_reference
 from torch import nn
 
@@ -85,15 +85,11 @@ def reference(
             with torch.no_grad():
                 for p, wi in zip(params, w, strict=True):
                     p.copy_(wi)
-                dot = sum((a * b).sum() for a, b in zip(g, update, strict=True))
-                gg = sum((a * a).sum() for a in g)
-                g_v = [b - dot / gg * a for a, b in zip(g, update, strict=True)]
+                g_v = looksam_component(g, update)
             logs[step] = {"sharpness": (perturbed - loss).item(), "grad_norm": norm.item(), "rho": rho}
         elif alpha is not None and g_v is not None:
             with torch.no_grad():
-                gnorm = torch.sqrt(sum((a * a).sum() for a in g))
-                vnorm = torch.sqrt(sum((v * v).sum() for v in g_v))
-                update = [a + alpha * gnorm / vnorm * v for a, v in zip(g, g_v, strict=True)]
+                update = looksam_update(g, g_v, alpha)
         else:
             update = g
         for p, u in zip(params, update, strict=True):

@@ -10,6 +10,8 @@ from _models import dense_hessian
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from lightning_landscape.functional import LossOperator, top_eigenvalues
+from lightning_landscape.functional import blocks as blocks_module
 from lightning_landscape.functional._operator import DenseOperator
 from lightning_landscape.functional.blocks import block_curvature, block_estimates, split_blocks
 from lightning_landscape.functional.overlap import gradient_overlap, hessian_gradient_overlap
@@ -153,6 +155,124 @@ def test_batched_blocks_agree_with_one_run_per_block():
         assert restricted.eigenvalues[name] == pytest.approx(together.eigenvalues[name], rel=1e-6), name
     # batching saves calls, not products: each row counted once, and never more than a block's size
     assert all(together.num_hvps[n] <= together.sizes[n] for n in together.blocks)
+
+
+def test_restricted_hvp_is_the_dense_hessian_block_over_several_probe_batches():
+    model, (batch,) = cnn()
+    batches = [(batch[0][:10], batch[1][:10]), (batch[0][10:], batch[1][10:])]  # sample-weighted: 10 and 14
+    h = exact_hessian(model, batches)
+    with LossOperator(model, loss_fn, batches) as op:
+        assert op.restricted_hvp(torch.ones(1, op.spec.sizes[0]), [0]) is None  # the method is not chosen yet
+        op.hvp(torch.ones(1, op.size, dtype=torch.float64))
+        names = op.spec.names
+        for params in ([0], [2, 3], [len(names) - 2, len(names) - 1], [1, 4]):
+            idx = columns(model, [names[j] for j in params])
+            v = torch.randn(3, len(idx), dtype=torch.float64, generator=torch.Generator().manual_seed(len(params)))
+            hv = op.restricted_hvp(v, params)  # three rows: one batched backward
+            assert hv.shape == v.shape
+            assert torch.allclose(hv, v @ h[idx][:, idx], rtol=1e-10, atol=1e-12), params
+            one = op.restricted_hvp(v[:1], params)  # one row: its own backward
+            assert torch.allclose(one, hv[:1], rtol=1e-10, atol=1e-12), params
+        with pytest.raises(ValueError, match=r"`vectors` must have shape \[k, 27\]"):
+            op.restricted_hvp(torch.ones(1, 5), [0])  # the first convolution's weight: 27 entries
+
+
+def test_restricted_hvp_gives_way_where_the_operator_cannot():
+    model, batches = mlp()
+    with LossOperator(model, loss_fn, batches, hvp_method="finite_difference") as op:
+        op.hvp(torch.ones(1, op.size, dtype=torch.float64))
+        assert op.restricted_hvp(torch.ones(1, op.spec.sizes[0], dtype=torch.float64), [0]) is None
+    with LossOperator(model, loss_fn, batches, reduce_fn=lambda t: t) as op:  # rows to reduce over processes
+        op.hvp(torch.ones(1, op.size, dtype=torch.float64))
+        assert op.restricted_hvp(torch.ones(1, op.spec.sizes[0], dtype=torch.float64), [0]) is None
+
+
+def test_per_block_products_share_one_gradient_graph(monkeypatch):
+    model, batches = cnn()
+    h = exact_hessian(model, batches)
+    opened = []
+    original = LossOperator.__init__
+
+    def spy(self, *args, **kwargs):
+        opened.append(kwargs.get("params", args[3] if len(args) > 3 else None))
+        original(self, *args, **kwargs)
+
+    monkeypatch.setattr(LossOperator, "__init__", spy)
+    r = block_curvature(model, loss_fn, batches, "layer", tol=1e-8, trace_samples=84, products="per_block")
+    assert len(opened) == 1  # one operator, one kept graph, for all the blocks
+    fd = block_curvature(
+        model, loss_fn, batches, "layer", tol=1e-6, trace=False, products="per_block", hvp_method="finite_difference"
+    )
+    assert len(opened) == 2 + len(r.blocks)  # no graph to share: one operator per block, as the fallback
+    assert fd.hvp_method == "finite_difference"
+    for name, names in r.blocks.items():
+        idx = columns(model, names)
+        top = float(torch.linalg.eigvalsh(h[idx][:, idx])[-1])
+        assert r.eigenvalues[name] == pytest.approx(top, rel=EIG_RTOL), name
+        assert r.traces[name] == pytest.approx(float(h[idx][:, idx].trace()), rel=1e-9), name  # exact: unit vectors
+        assert fd.eigenvalues[name] == pytest.approx(top, rel=1e-4), name  # float64 central differences
+    # the blocks' own products and the start's whole product (H z), which also chose the method
+    assert r.total_hvps == sum(r.num_hvps.values()) + 1
+
+
+def test_attention_under_the_math_backend_shares_the_graph_too(monkeypatch):
+    model, batches = transformer()  # the fused CPU attention kernel has no double backward: auto picks math SDPA
+    h = exact_hessian(model, batches)
+    opened = []
+    original = LossOperator.__init__
+    monkeypatch.setattr(LossOperator, "__init__", lambda self, *a, **k: (opened.append(1), original(self, *a, **k))[1])
+    r = block_curvature(model, loss_fn, batches, "layer", tol=1e-8, trace=False, products="per_block")
+    assert r.hvp_method == "double_backward+math_sdpa" and len(opened) == 1
+    for name, names in r.blocks.items():
+        idx = columns(model, names)
+        assert r.eigenvalues[name] == pytest.approx(float(torch.linalg.eigvalsh(h[idx][:, idx])[-1]), rel=EIG_RTOL)
+
+
+def test_blocks_from_an_open_operator_and_a_whole_eigenvector():
+    model, batches = cnn()
+    h = exact_hessian(model, batches)
+    with LossOperator(model, loss_fn, batches) as op:
+        top = top_eigenvalues(op, 2, tol=1e-8)  # a whole-model measurement first, as HessianCallback does
+        r = block_curvature(model, loss_fn, batches, "layer", trace=False, tol=1e-8, operator=op, init=top.eigenvectors)
+        assert r.total_hvps == sum(r.num_hvps.values())  # no start product, no second choice or check of the method
+        after = op.hvp(top.eigenvectors[:1])  # still open, still the same operator
+        assert torch.allclose(after[0], top.eigenvalues[0] * top.eigenvectors[0], rtol=1e-6, atol=1e-8)
+        with pytest.raises(ValueError, match=r"`init` must have shape \[\d+\] or \[m, \d+\]"):
+            block_curvature(model, loss_fn, batches, "layer", operator=op, init=torch.ones(3))
+    for name, names in r.blocks.items():
+        idx = columns(model, names)
+        assert r.eigenvalues[name] == pytest.approx(float(torch.linalg.eigvalsh(h[idx][:, idx])[-1]), rel=EIG_RTOL)
+    with LossOperator(model, loss_fn, batches, params=["0.weight"]) as op:
+        with pytest.raises(ValueError, match=r"`operator` does not hold the blocks' parameters \['0.bias'"):
+            block_curvature(model, loss_fn, batches, "layer", operator=op)
+    with pytest.raises(ValueError, match="`operator` must be an open LossOperator"):
+        block_curvature(model, loss_fn, batches, "layer", operator=DenseOperator(h))
+
+
+def test_blocks_start_from_their_part_of_a_whole_product(monkeypatch):
+    # block "first": H z leans to its top eigenvector, so its run takes fewer products than from a Gaussian start;
+    # block "last": its top eigenvector (eigenvalue 0) is exactly orthogonal to H z, found from the start's noise
+    g = torch.Generator().manual_seed(0)
+    q, _ = torch.linalg.qr(torch.randn(200, 200, generator=g, dtype=torch.float64))
+    values = torch.cat([torch.tensor([50.0, 20.0]), torch.linspace(1.0, 0.0, 198)]).double()
+    a = q @ torch.diag(values) @ q.T
+    a[150:, :] = 0.0
+    a[:, 150:] = 0.0
+    a[150:, 150:] = torch.diag(torch.linspace(-1.0, 0.0, 50)).double()  # block "last": top eigenvalue 0, H z · e = 0
+    blocks = {"first": range(0, 150), "last": range(150, 200)}
+    r = block_estimates(DenseOperator(a), blocks, trace=False, tol=1e-8, generator=torch.Generator().manual_seed(1))
+    exact = {n: float(torch.linalg.eigvalsh(a[list(c)][:, list(c)])[-1]) for n, c in blocks.items()}
+    assert r.eigenvalues["first"] == pytest.approx(exact["first"], rel=1e-6)
+    assert r.eigenvalues["last"] == pytest.approx(exact["last"], abs=1e-6)
+    assert r.total_hvps == sum(r.num_hvps.values()) + 1  # the start's whole product
+
+    def gaussian_starts(products, parts, generator, init=None):
+        return [torch.randn(b.size, generator=generator, dtype=torch.float64) for b in parts]
+
+    monkeypatch.setattr(blocks_module, "_starts", gaussian_starts)
+    cold = block_estimates(DenseOperator(a), blocks, trace=False, tol=1e-8, generator=torch.Generator().manual_seed(1))
+    assert cold.eigenvalues["first"] == pytest.approx(exact["first"], rel=1e-6)
+    assert r.num_hvps["first"] < cold.num_hvps["first"]
 
 
 def test_gradient_overlap_matches_numpy_projection():

@@ -56,9 +56,23 @@ def test_ggn_instead_of_the_hessian(tmp_path):
     )
 
 
-def test_blocks_eigenvalues_traces_and_heatmap(tmp_path):
+def test_blocks_eigenvalues_traces_and_heatmap(tmp_path, monkeypatch):
     cb = HessianCallback(every_n_epochs=1, blocks="layer", trace=True, block_trace_hvps=300, **TIGHT)
+    calls = []
+    original = LF.blocks.block_curvature
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs)
+        result = original(*args, **kwargs)
+        calls[-1] = (kwargs["operator"], kwargs["init"], result)
+        return result
+
+    monkeypatch.setattr("lightning_landscape.callbacks.hessian.block_curvature", spy)
     module = fit(tmp_path, cb, epochs=2)
+    for operator, init, result in calls:  # the whole measurement's operator and λ1's vector serve the blocks
+        assert isinstance(operator, LF.LossOperator) and init.shape == (1, 310)
+        # no start product (H z), no method chosen or checked again: only the blocks' own products
+        assert result.total_hvps == sum(result.num_hvps.values())
     assert cb._block_params == {"0": ["net.0.weight", "net.0.bias"], "2": ["net.2.weight", "net.2.bias"]}
     h = dense_hessian(module.net, cross_entropy, cb._probe)
     for name, (lo, hi) in {"0": (0, 260), "2": (260, 310)}.items():

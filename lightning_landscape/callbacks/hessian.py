@@ -319,6 +319,11 @@ class HessianCallback(MeasurementCallback):
                 )
             num_hvps += op.probe_hvps
             self.note_method(trainer, op)
+            blocks = self._blocks_of(pl_module)
+            if blocks:  # from the same operator: its gradient graph and checked method, λ1's vector as the start
+                self._measure_blocks(
+                    trainer, pl_module, blocks, scalars, figures, op, eig.eigenvectors[:1] if top else None
+                )
         self.eigenvectors = eig.eigenvectors.detach()
         self._local_eigenvectors = op.space.distributed
         scalars["num_hvps"] = float(num_hvps)
@@ -326,9 +331,6 @@ class HessianCallback(MeasurementCallback):
             ratio = _eos_ratio(trainer, scalars["eigenvalue_1"])
             if ratio is not None:
                 scalars["eos_ratio"] = ratio
-        blocks = self._blocks_of(pl_module)
-        if blocks:
-            self._measure_blocks(trainer, pl_module, blocks, scalars, figures)
         return scalars, figures
 
     def _measure_blocks(
@@ -338,7 +340,12 @@ class HessianCallback(MeasurementCallback):
         blocks: dict[str, list[str]],
         scalars: dict[str, float],
         figures: dict[str, Figure],
+        operator: Any,
+        init: torch.Tensor | None,
     ) -> None:
+        held = set(getattr(getattr(operator, "spec", None), "names", ()))
+        if not isinstance(operator, LossOperator) or any(n not in held for names in blocks.values() for n in names):
+            operator = init = None  # (a curvature operator, or the blocks reach beyond `params`): a fresh one
         result = block_curvature(
             pl_module,
             self.resolved_loss_fn,
@@ -352,6 +359,8 @@ class HessianCallback(MeasurementCallback):
             hvp_method=self.hvp_method,
             eval_mode=self.eval_mode,
             reduce_fn=self.reduce_fn(trainer),
+            operator=operator,
+            init=init,
         )
         tagged = len(blocks) <= MAX_BLOCK_TAGS
         for name, value in result.eigenvalues.items():

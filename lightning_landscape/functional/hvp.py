@@ -18,7 +18,7 @@ import itertools
 import math
 import warnings
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -54,6 +54,21 @@ FD_MIN_PIECE = 8
 class MeasurementError(RuntimeError):
     """A measurement could not be completed (non-finite values, an op without the needed
     derivative, or a failure on another process)."""
+
+
+class _GradientGraph(NamedTuple):
+    """The gradient at θ of one probe part, with its graph, as :meth:`LossOperator._gradient_graph` keeps it."""
+
+    #: the leaves the loss was differentiated at (detached views of the parameters, requiring grad)
+    point: list[Tensor]
+    #: the gradient as one flat vector with its graph (``None`` when it does not depend on the parameters)
+    flat: Tensor | None
+    #: the entries of a flat vector that ``flat`` holds (``None``: all; a parameter whose gradient is constant has none)
+    columns: Tensor | None
+    #: the whole flat gradient, detached
+    gradient: Tensor
+    #: the gradient of each parameter, with its graph where it has one (``flat`` holds those that have)
+    grads: tuple[Tensor, ...]
 
 
 class _OutOfMemory(RuntimeError):
@@ -292,7 +307,7 @@ class LossOperator:
         #: whether that check failed (the chosen exact method disagreed with finite differences or itself)
         self.product_check_failed = False
         self._validate = validate
-        self._graphs: dict[tuple[int, int], tuple[list[Tensor], Tensor | None, Tensor | None, Tensor]] = {}
+        self._graphs: dict[tuple[int, int], _GradientGraph] = {}
         self.size = self.spec.numel
         self.device = self.spec.device
         self._loss_fn = loss_fn
@@ -669,12 +684,12 @@ class LossOperator:
         if self._method != _PLAIN or self._validate or self._first_product is not None or self.reduce_fn is not None:
             return None
         graph = self._graphs.get((0, self._pieces)) if self.cache_graph else None
-        if graph is None or graph[1] is None or graph[2] is not None:
+        if graph is None or graph.flat is None or graph.columns is not None:
             return None
         parts = self._parts()
         if len(parts) != 1 or parts[0][0] != 1.0:
             return None
-        point, flat = graph[0], graph[1]
+        point, flat = graph.point, graph.flat
         try:
             hv = torch.autograd.grad(flat, point, vectors[0], retain_graph=True, allow_unused=True)
         except Exception:
@@ -682,6 +697,67 @@ class LossOperator:
         if any(h is None for h in hv):  # a parameter the gradient does not depend on: its row of H is zero
             hv = [torch.zeros_like(p) if h is None else h for h, p in zip(hv, point, strict=True)]
         return self.spec.flatten(hv).unsqueeze(0)
+
+    def restricted_hvp(self, vectors: Tensor, params: Sequence[int]) -> Tensor | None:
+        """``H_PP V``: the Hessian block of the parameters at positions ``params`` of this operator (indices into
+        its parameter list, ascending) times each row of ``vectors`` (``[k, their numel]``, their flat order), or
+        ``None`` where this operator cannot give it.
+
+        It back-propagates from those parameters' gradients in the kept gradient graphs (one per probe part), so
+        autograd runs only what they need: for a late layer of a deep network, a small part of a whole product; and
+        one graph serves every block, where operators restricted to each block would each build and keep their
+        own. ``None`` until the product method is chosen and checked (call :meth:`hvp` once), and unless it is
+        double backward with its graphs kept in one process (a ``reduce_fn`` would need the rows reduced),
+        or when autograd fails here (e.g. out of memory): then ask an operator restricted to those parameters.
+
+        Example:
+            >>> model = torch.nn.Linear(2, 1)
+            >>> loss_fn = lambda m, b: 0.5 * m(b).pow(2).mean()
+            >>> with LossOperator(model, loss_fn, [torch.tensor([[1.0, 2.0]])]) as op:
+            ...     _ = op.hvp(torch.ones(1, op.size))             # chooses and checks the method
+            ...     op.restricted_hvp(torch.tensor([[1.0, 0.0]]), [0])  # the weight's block: x xᵀ e1
+            tensor([[1., 2.]])
+        """
+        double_backward = self._method is not None and self._method[0] == "double_backward"  # (math SDPA or not:
+        # the graph was recorded with the attention backend chosen, its backward needs no context)
+        if not double_backward or self._validate or self.reduce_fn is not None or not self.cache_graph:
+            return None
+        sizes = [self.spec.sizes[j] for j in params]
+        if vectors.dim() != 2 or vectors.shape[1] != sum(sizes):
+            raise ValueError(f"`vectors` must have shape [k, {sum(sizes)}], got {tuple(vectors.shape)}.")
+        vectors = vectors.to(device=self.spec.device, dtype=self.dtype)
+        seeds = [s.reshape(-1, *self.spec.shapes[j]) for s, j in zip(vectors.split(sizes, dim=1), params, strict=True)]
+        try:
+            total = None
+            for i, (w, b) in enumerate(self._parts()):
+                out = self._restricted_part(self._gradient_graph(b, (i, self._pieces)), params, seeds)
+                out = out if w == 1.0 else out * w
+                total = out if total is None else total + out
+            return total
+        except Exception:
+            return None
+
+    def _restricted_part(self, graph: _GradientGraph, params: Sequence[int], seeds: list[Tensor]) -> Tensor:
+        """One probe part's restricted products (see :meth:`restricted_hvp`), ``[k, their numel]``."""
+        k = seeds[0].shape[0]
+        live = [(j, s) for j, s in zip(params, seeds, strict=True) if graph.grads[j].requires_grad]
+        if not live:  # these parameters' gradients do not depend on the parameters: their block of H is zero
+            return torch.zeros(k, sum(s[0].numel() for s in seeds), dtype=self.dtype, device=self.spec.device)
+        outputs, inputs = [graph.grads[j] for j, _ in live], [graph.point[j] for j in params]
+        if k > 1:
+            hv = torch.autograd.grad(
+                outputs,
+                inputs,
+                [s for _, s in live],
+                is_grads_batched=True,
+                retain_graph=True,
+                allow_unused=True,
+                materialize_grads=True,
+            )
+            return torch.cat([h.reshape(k, -1) for h in hv], dim=1)
+        hv = torch.autograd.grad(outputs, inputs, [s[0] for _, s in live], retain_graph=True, allow_unused=True)
+        flat = [p.new_zeros(p.numel()) if h is None else h.reshape(-1) for h, p in zip(hv, inputs, strict=True)]
+        return torch.cat(flat).unsqueeze(0)
 
     def _products(self, vectors: Tensor) -> Tensor:
         """The products, choosing (and checking) the method first if not done yet; raises :class:`_OutOfMemory`."""
@@ -852,7 +928,7 @@ class LossOperator:
                 hu, hv = self._local_hvp(uv, name, math_sdpa, first=True)
                 v = uv[1]
             if name.startswith("double_backward") and self.cache_graph:
-                at_theta = self._gradient_graph(batch, (0, self._pieces))[3]
+                at_theta = self._gradient_graph(batch, (0, self._pieces)).gradient
             else:
                 at_theta = self._gradient_at(base, u, 0.0, batch)
             local["hu"], local["plus"] = hu, self._gradient_at(base, u, h, batch)
@@ -941,11 +1017,8 @@ class LossOperator:
             return self._hvp_forward_over_reverse
         return self._hvp_finite_difference
 
-    def _gradient_graph(self, batch: Any, key: Any) -> tuple[list[Tensor], Tensor | None, Tensor | None, Tensor]:
-        """``(point, flat, columns, gradient)``: the gradient at θ with its graph as one flat vector (``None`` when it
-        does not depend on the parameters), cached under ``key``; ``columns`` indexes the entries of a flat vector
-        that it holds (``None``: all of them; a parameter whose gradient is constant has none); ``gradient`` the
-        whole flat gradient, detached."""
+    def _gradient_graph(self, batch: Any, key: Any) -> _GradientGraph:
+        """The gradient at θ with its graph (see :class:`_GradientGraph`), cached under ``key``."""
         keep = key is not None and self.cache_graph
         if keep and key in self._graphs:
             return self._graphs[key]
@@ -966,7 +1039,7 @@ class LossOperator:
         if live and len(live) < len(grads):
             offsets = [0, *itertools.accumulate(self.spec.sizes)]
             columns = torch.cat([torch.arange(offsets[i], offsets[i + 1]) for i in live]).to(self.spec.device)
-        graph = (point, flat, columns, self.spec.flatten(grads).detach())
+        graph = _GradientGraph(point, flat, columns, self.spec.flatten(grads).detach(), grads)
         if keep:
             self._graphs[key] = graph
         return graph
@@ -974,7 +1047,7 @@ class LossOperator:
     def _hvp_double_backward(
         self, vectors: Tensor, batch: Any, batched: bool = False, key: Any = None, fd_step: float | None = None
     ) -> Tensor:
-        point, flat, columns, _ = self._gradient_graph(batch, key)
+        point, flat, columns, _, _ = self._gradient_graph(batch, key)
         keep = key is not None and self.cache_graph
         if flat is None:  # the gradient does not depend on the parameters: H = 0
             return torch.zeros_like(vectors)

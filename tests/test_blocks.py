@@ -187,6 +187,28 @@ def test_restricted_hvp_gives_way_where_the_operator_cannot():
         assert op.restricted_hvp(torch.ones(1, op.spec.sizes[0], dtype=torch.float64), [0]) is None
 
 
+def test_restricted_products_out_of_memory_give_the_graph_back_and_fall_back(monkeypatch):
+    model, batches = cnn()
+    h = exact_hessian(model, batches)
+    calls = []
+
+    def out_of_memory(self, graph, params, seeds):
+        calls.append(params)
+        raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    monkeypatch.setattr(LossOperator, "_restricted_part", out_of_memory)
+    with LossOperator(model, loss_fn, batches) as op:
+        op.hvp(torch.ones(1, op.size, dtype=torch.float64))
+        assert op._graphs  # the kept graph, before
+        assert op.restricted_hvp(torch.ones(1, op.spec.sizes[0], dtype=torch.float64), [0]) is None
+        assert not op._graphs and not op.cache_graph  # given back, and no more kept
+    r = block_curvature(model, loss_fn, batches, "layer", tol=1e-8, trace=False, products="per_block")
+    assert len(calls) == 2  # one try each time: then the blocks' own operators
+    for name, names in r.blocks.items():
+        idx = columns(model, names)
+        assert r.eigenvalues[name] == pytest.approx(float(torch.linalg.eigvalsh(h[idx][:, idx])[-1]), rel=EIG_RTOL)
+
+
 def test_per_block_products_share_one_gradient_graph(monkeypatch):
     model, batches = cnn()
     h = exact_hessian(model, batches)

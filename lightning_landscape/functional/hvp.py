@@ -700,15 +700,16 @@ class LossOperator:
 
     def restricted_hvp(self, vectors: Tensor, params: Sequence[int]) -> Tensor | None:
         """``H_PP V``: the Hessian block of the parameters at positions ``params`` of this operator (indices into
-        its parameter list, ascending) times each row of ``vectors`` (``[k, their numel]``, their flat order), or
-        ``None`` where this operator cannot give it.
+        its parameter list) times each row of ``vectors`` (``[k, their numel]``, flat in the order of ``params``),
+        or ``None`` where this operator cannot give it.
 
         It back-propagates from those parameters' gradients in the kept gradient graphs (one per probe part), so
         autograd runs only what they need: for a late layer of a deep network, a small part of a whole product; and
         one graph serves every block, where operators restricted to each block would each build and keep their
         own. ``None`` until the product method is chosen and checked (call :meth:`hvp` once), and unless it is
         double backward with its graphs kept in one process (a ``reduce_fn`` would need the rows reduced),
-        or when autograd fails here (e.g. out of memory): then ask an operator restricted to those parameters.
+        or when autograd fails here (out of memory: the kept graphs are then given back and no more are kept): then
+        ask an operator restricted to those parameters.
 
         Example:
             >>> model = torch.nn.Linear(2, 1)
@@ -734,7 +735,12 @@ class LossOperator:
                 out = out if w == 1.0 else out * w
                 total = out if total is None else total + out
             return total
-        except Exception:
+        except Exception as err:
+            if is_out_of_memory(err):  # give the kept graphs back (and keep no more) before anyone builds others
+                self._graphs.clear()
+                self.cache_graph = False
+                if self.spec.device.type == "cuda":
+                    torch.cuda.empty_cache()
             return None
 
     def _restricted_part(self, graph: _GradientGraph, params: Sequence[int], seeds: list[Tensor]) -> Tensor:

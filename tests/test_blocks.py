@@ -250,12 +250,23 @@ def test_attention_under_the_math_backend_shares_the_graph_too(monkeypatch):
         assert r.eigenvalues[name] == pytest.approx(float(torch.linalg.eigvalsh(h[idx][:, idx])[-1]), rel=EIG_RTOL)
 
 
-def test_blocks_from_an_open_operator_and_a_whole_eigenvector():
+@pytest.mark.parametrize("products", ["per_block", "shared"])
+def test_blocks_from_an_open_operator_and_a_whole_eigenvector(products):
     model, batches = cnn()
     h = exact_hessian(model, batches)
     with LossOperator(model, loss_fn, batches) as op:
         top = top_eigenvalues(op, 2, tol=1e-8)  # a whole-model measurement first, as HessianCallback does
-        r = block_curvature(model, loss_fn, batches, "layer", trace=False, tol=1e-8, operator=op, init=top.eigenvectors)
+        r = block_curvature(
+            model,
+            loss_fn,
+            batches,
+            "layer",
+            trace=False,
+            tol=1e-8,
+            operator=op,
+            init=top.eigenvectors,
+            products=products,
+        )
         assert r.total_hvps == sum(r.num_hvps.values())  # no start product, no second choice or check of the method
         after = op.hvp(top.eigenvectors[:1])  # still open, still the same operator
         assert torch.allclose(after[0], top.eigenvalues[0] * top.eigenvectors[0], rtol=1e-6, atol=1e-8)

@@ -332,7 +332,8 @@ def blocks_heatmap_figure(
     """
     data = np.asarray(values, dtype=float).reshape(len(names), len(steps))
     rows, cols = data.shape
-    fig = Figure(figsize=(min(4.0 + 0.25 * cols, 14.0), min(1.6 + 0.22 * rows, 40.0)), dpi=100)
+    # at least 6 inches wide, so that a title of ~45 characters is not cut at the left edge with few columns
+    fig = Figure(figsize=(min(6.0 + 0.25 * cols, 14.0), min(1.6 + 0.22 * rows, 40.0)), dpi=100)
     ax = fig.add_subplot()
     image = draw_blocks_heatmap(ax, names, steps, data, title)
     log = image.norm.__class__.__name__ == "LogNorm"

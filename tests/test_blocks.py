@@ -280,6 +280,31 @@ def test_blocks_from_an_open_operator_and_a_whole_eigenvector(products):
             block_curvature(model, loss_fn, batches, "layer", operator=op)
     with pytest.raises(ValueError, match="`operator` must be an open LossOperator"):
         block_curvature(model, loss_fn, batches, "layer", operator=DenseOperator(h))
+    closed = LossOperator(model, loss_fn, batches)
+    with pytest.raises(ValueError, match="`operator` must be open"):
+        block_curvature(model, loss_fn, batches, "layer", operator=closed)
+    other, _ = cnn()
+    with LossOperator(other, loss_fn, batches) as op, pytest.raises(ValueError, match="built on another model"):
+        block_curvature(model, loss_fn, batches, "layer", operator=op)
+    with pytest.raises(ValueError, match=r"\(the blocks' parameters, in the model's order\)"):
+        block_curvature(model, loss_fn, batches, "layer", init=torch.ones(3))
+
+
+def test_an_operator_outside_its_with_block_refuses_to_evaluate():
+    model, batches = cnn()
+    model.train()  # BatchNorm in train mode: evaluated outside the block, it would update its running statistics
+    before = model[1].running_mean.clone()
+    op = LossOperator(model, loss_fn, batches)
+    for call in (lambda: op.loss(), lambda: op.gradient(), lambda: op.hvp(torch.ones(1, op.size, dtype=torch.float64))):
+        with pytest.raises(RuntimeError, match="outside its `with` block"):
+            call()
+    assert torch.equal(model[1].running_mean, before) and model.training
+    with op:
+        op.hvp(torch.ones(1, op.size, dtype=torch.float64))
+        with pytest.raises(ValueError, match=r"`params` must be distinct indices into the operator's 8 parameters"):
+            op.restricted_hvp(torch.ones(1, 3), [0, 9])
+    with pytest.raises(RuntimeError, match="outside its `with` block"):  # and after it
+        op.loss()
 
 
 def test_blocks_start_from_their_part_of_a_whole_product(monkeypatch):

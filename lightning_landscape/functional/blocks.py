@@ -620,8 +620,9 @@ def block_curvature(
             and losses are then the sample-weighted means over all of them, as ``LossOperator``'s ``reduce_fn``).
         operator: an open :class:`~lightning_landscape.functional.LossOperator` of ``model``, ``loss_fn`` and
             ``batches`` over (at least) the blocks' parameters, e.g. the one a whole-model measurement just used:
-            its gradient graph and its checked product method serve the blocks (left open; ``hvp_method``,
-            ``eval_mode`` and ``reduce_fn`` then only set up any per-block operator it cannot replace).
+            its gradient graph and its checked product method serve the blocks (left open; ``loss_fn``,
+            ``batches``, ``hvp_method``, ``eval_mode`` and ``reduce_fn`` then only set up any per-block operator it
+            cannot replace, so they must be the operator's own).
         init: a vector over ``operator``'s parameters (over the blocks' parameters in the model's order without
             one), e.g. the whole model's top eigenvector (``[n]``, or ``[m, n]``: its first row): the blocks' runs
             start from their parts of it instead of ``H z`` (one product less, and closer when the blocks' top
@@ -661,7 +662,7 @@ def block_curvature(
         op = operator
         if op is None:
             op = stack.enter_context(LossOperator(model, loss_fn, batches, _union(model, split), **options))
-        _check_operator(op, split, init)
+        _check_operator(op, model, split, init, given=operator is not None)
         if products == "per_block":
             source: _Shared | _Restricted = _Restricted(op, model, loss_fn, batches, split, stack, **options)
         else:
@@ -675,18 +676,25 @@ def block_curvature(
     return result
 
 
-def _check_operator(operator: object, split: Mapping[str, list[str]], init: Tensor | None) -> None:
-    """A ``ValueError`` naming ``operator`` or ``init`` when they do not fit the blocks."""
+def _check_operator(
+    operator: object, model: nn.Module, split: Mapping[str, list[str]], init: Tensor | None, given: bool
+) -> None:
+    """A ``ValueError`` naming ``operator`` or ``init`` when they do not fit the blocks (``given``: the caller's
+    operator, else the one made over the blocks' parameters)."""
     if not isinstance(operator, LossOperator):
         raise ValueError(f"`operator` must be an open LossOperator of the model, got {type(operator).__name__}.")
+    if operator.model is not model:
+        raise ValueError("`operator` was built on another model: open it on `model`.")
+    if not operator.is_open:
+        raise ValueError("`operator` must be open: call block_curvature inside `with LossOperator(...) as operator:`.")
     held = set(operator.spec.names)
     missing = [n for names in split.values() for n in names if n not in held]
     if missing:
         raise ValueError(f"`operator` does not hold the blocks' parameters {missing[:3]}: open it over all of them.")
     if init is not None and (init.dim() not in (1, 2) or init.shape[-1] != operator.size):
+        whose = "the operator's parameters" if given else "the blocks' parameters, in the model's order"
         raise ValueError(
-            f"`init` must have shape [{operator.size}] or [m, {operator.size}] (the operator's parameters), "
-            f"got {tuple(init.shape)}."
+            f"`init` must have shape [{operator.size}] or [m, {operator.size}] ({whose}), got {tuple(init.shape)}."
         )
 
 

@@ -350,6 +350,19 @@ class LossOperator:
         return [t.to(self.dtype) for t in base] if self._upcast else base
 
     # ------------------------------------------------------------------ context
+    @property
+    def is_open(self) -> bool:
+        """Whether the operator is entered (within its ``with`` block), where its products are defined."""
+        return bool(self._ctx)
+
+    def _require_open(self) -> None:
+        """Refuse to evaluate outside the ``with`` block: the model would run in whatever mode it is in (BatchNorm
+        in train mode updating its running statistics, dropout drawing from the global generator)."""
+        if not self._ctx:
+            raise RuntimeError(
+                "LossOperator used outside its `with` block: evaluate it inside `with LossOperator(...) as op:`."
+            )
+
     def __enter__(self) -> LossOperator:
         modes = [(m, m.training) for m in self.model.modules()]
         sparse = [(m, m.sparse) for m in self.model.modules() if getattr(m, "sparse", False) is True]
@@ -566,6 +579,7 @@ class LossOperator:
 
     def check_substitution(self) -> None:
         """Run the substitution check now (one forward pass with grad on the first probe batch), if not yet run."""
+        self._require_open()
         if self._substitution_checked:
             return
         first, pieces = self.batches[0], self._pieces
@@ -601,6 +615,7 @@ class LossOperator:
 
         No host synchronisation: the value stays on the device.
         """
+        self._require_open()
         if not self._substitution_checked:
             self._split_on_oom(lambda: (self.check_substitution(), torch.zeros((), dtype=self.dtype))[1], ())
 
@@ -618,6 +633,7 @@ class LossOperator:
 
     def gradient(self, delta: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """``(loss, flat gradient)`` at ``θ + δ``."""
+        self._require_open()
         n = self.spec.numel
 
         def local() -> tuple[Tensor, Tensor]:
@@ -660,6 +676,7 @@ class LossOperator:
 
     def hvp(self, vectors: Tensor) -> Tensor:
         """Hessian-vector products ``H v`` for each row of ``vectors`` (``[k, numel]`` → ``[k, numel]``)."""
+        self._require_open()
         if vectors.dim() != 2 or vectors.shape[1] != self.spec.numel:
             raise ValueError(f"`vectors` must have shape [k, {self.spec.numel}], got {tuple(vectors.shape)}.")
         if vectors.dtype != self.dtype or vectors.device != self.spec.device:
@@ -719,13 +736,17 @@ class LossOperator:
             ...     op.restricted_hvp(torch.tensor([[1.0, 0.0]]), [0])  # the weight's block: x xᵀ e1
             tensor([[1., 2.]])
         """
+        self._require_open()
+        count = len(self.spec.sizes)
+        if not params or len(set(params)) != len(params) or not all(0 <= j < count for j in params):
+            raise ValueError(f"`params` must be distinct indices into the operator's {count} parameters, got {params}.")
+        sizes = [self.spec.sizes[j] for j in params]
+        if vectors.dim() != 2 or vectors.shape[1] != sum(sizes):
+            raise ValueError(f"`vectors` must have shape [k, {sum(sizes)}], got {tuple(vectors.shape)}.")
         double_backward = self._method is not None and self._method[0] == "double_backward"  # (math SDPA or not:
         # the graph was recorded with the attention backend chosen, its backward needs no context)
         if not double_backward or self._validate or self.reduce_fn is not None or not self.cache_graph:
             return None
-        sizes = [self.spec.sizes[j] for j in params]
-        if vectors.dim() != 2 or vectors.shape[1] != sum(sizes):
-            raise ValueError(f"`vectors` must have shape [k, {sum(sizes)}], got {tuple(vectors.shape)}.")
         vectors = vectors.to(device=self.spec.device, dtype=self.dtype)
         seeds = [s.reshape(-1, *self.spec.shapes[j]) for s, j in zip(vectors.split(sizes, dim=1), params, strict=True)]
         try:
@@ -829,6 +850,7 @@ class LossOperator:
             ...     op.rayleigh_by_batch(torch.ones(1))
             (5.0, 4.0, 2)
         """
+        self._require_open()
         v = vector.reshape(1, -1).to(device=self.spec.device, dtype=self.dtype)
         if self._method is None:
             self.hvp(v)  # chooses (and checks) the method

@@ -318,8 +318,20 @@ class ShardedLossOperator:
     def _loss_of(self, batch: Any) -> Tensor:
         return scalar_loss(self.loss_fn(self.model, batch))
 
+    @property
+    def is_open(self) -> bool:
+        """Whether the operator is entered (within its ``with`` block), where its products are defined."""
+        return bool(self._ctx)
+
+    def _require_open(self) -> None:
+        if not self._ctx:
+            raise RuntimeError(
+                "ShardedLossOperator used outside its `with` block: evaluate it inside `with ... as op:`."
+            )
+
     def loss(self, delta: Tensor | None = None) -> Tensor:
         """The loss at ``θ + δ`` over every process's probe (``δ`` a local flat vector), a 0-dim tensor."""
+        self._require_open()
         total = self.total_samples
         try:
             self._write(delta)
@@ -336,6 +348,7 @@ class ShardedLossOperator:
     def _gradient(self, delta: Tensor | None, batches: Sequence[int]) -> tuple[Tensor, Tensor]:
         """``(loss, local flat gradient)`` at ``θ + δ`` of the sample-weighted loss over probe batches ``batches``
         (indices, the same on every process), averaged over the processes' samples."""
+        self._require_open()
         counts = torch.tensor([float(sum(self._counts[i] for i in batches))], dtype=torch.float64, device=self.device)
         torch.distributed.all_reduce(counts, group=self.group)
         total = float(counts.item())

@@ -69,6 +69,7 @@ def test_blocks_eigenvalues_traces_and_heatmap(tmp_path, monkeypatch):
 
     monkeypatch.setattr("lightning_landscape.callbacks.hessian.block_curvature", spy)
     module = fit(tmp_path, cb, epochs=2)
+    assert len(calls) == 2  # one per measurement (steps 2 and 4)
     for operator, init, result in calls:  # the whole measurement's operator and λ1's vector serve the blocks
         assert isinstance(operator, LF.LossOperator) and init.shape == (1, 310)
         # no start product (H z), no method chosen or checked again: only the blocks' own products

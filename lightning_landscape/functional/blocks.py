@@ -198,21 +198,14 @@ class _Block:
             offset += b - a
 
 
-class _Shared:
-    """Products from one operator over the union of the blocks: rows zero outside their block, several blocks'
-    rows in one call (at most :data:`MAX_ROWS`), sent through as one batched product or row by row, whichever is
-    faster per row here. Measured once, on products needed anyway: the first call of several rows goes row by row,
-    each row after the first timed (the first pays for the operator's method choice and checks); the second goes
-    batched, timed; the faster way serves every later call. (A batched double backward is several times cheaper
-    per vector than a loop on a GPU; on a CPU we measured it at 0.4x a loop's time per row on the digits MLP and
-    1.1x to 1.9x on the digits ResNet.)"""
+class _Products:
+    """What both product sources share: the operator over all the blocks, its whole products ``H z`` and the
+    products spent besides the blocks' own (those an open operator had spent before are not counted again)."""
 
     def __init__(self, operator: SymmetricOperator) -> None:
         self.operator = operator
         self.dtype, self.device = operator.dtype, torch.device(operator.device)
-        self.batched: bool | None = None  # None: not decided yet
-        self._looped: float | None = None  # seconds per row, row by row
-        self.whole_hvps = 0
+        self.whole_hvps = 0  # whole products: the start's, or one only to choose and check the method
         self._spent = getattr(operator, "probe_hvps", 0)  # choosing products an open operator spent before
 
     @property
@@ -231,6 +224,25 @@ class _Shared:
         """``H z`` over all the blocks (``z`` flat, as the operator's vectors)."""
         self.whole_hvps += 1
         return self.operator.matmat(z.unsqueeze(0))[0]
+
+    def block_products(self, work: Sequence[tuple[_Block, Tensor]]) -> list[Tensor]:
+        """``H_jj V`` for each ``(block j, V [r, size_j])``: the source's own way."""
+        raise NotImplementedError
+
+
+class _Shared(_Products):
+    """Products from one operator over the union of the blocks: rows zero outside their block, several blocks'
+    rows in one call (at most :data:`MAX_ROWS`), sent through as one batched product or row by row, whichever is
+    faster per row here. Measured once, on products needed anyway: the first call of several rows goes row by row,
+    each row after the first timed (the first pays for the operator's method choice and checks); the second goes
+    batched, timed; the faster way serves every later call. (A batched double backward is several times cheaper
+    per vector than a loop on a GPU; on a CPU we measured it at 0.4x a loop's time per row on the digits MLP and
+    1.1x to 1.9x on the digits ResNet.)"""
+
+    def __init__(self, operator: SymmetricOperator) -> None:
+        super().__init__(operator)
+        self.batched: bool | None = None  # None: not decided yet
+        self._looped: float | None = None  # seconds per row, row by row
 
     def block_products(self, work: Sequence[tuple[_Block, Tensor]]) -> list[Tensor]:
         """``H_jj V`` for each ``(block j, V [r, size_j])``."""
@@ -275,7 +287,7 @@ class _Shared:
         return time.perf_counter()
 
 
-class _Restricted:
+class _Restricted(_Products):
     """Products restricted to each block: from one :class:`~lightning_landscape.functional.LossOperator` over (at
     least) all the blocks, back-propagated from its one gradient graph through what the block needs
     (:meth:`~lightning_landscape.functional.LossOperator.restricted_hvp`); where it cannot (see there), from then on
@@ -292,33 +304,17 @@ class _Restricted:
         stack: contextlib.ExitStack,
         **options: Any,
     ) -> None:
+        super().__init__(operator)
         self.model, self.loss_fn, self.batches, self.split, self.stack = model, loss_fn, batches, split, stack
         self.options = options
-        self.operator = operator
-        position = {name: i for i, name in enumerate(self.operator.spec.names)}
+        position = {name: i for i, name in enumerate(operator.spec.names)}
         self.positions = {key: [position[n] for n in names] for key, names in split.items()}
-        self.dtype, self.device = self.operator.dtype, torch.device(self.operator.device)
         self.shared_graph = True  # restricted products from the whole operator's graph, until it cannot
         self.ops: dict[str, LossOperator] = {}
-        self.whole_hvps = 0  # whole products: the start's, or one only to choose and check the method
-        self._spent = operator.probe_hvps  # choosing products an open operator spent before
-
-    @property
-    def method(self) -> str:
-        return self.operator.method
-
-    @property
-    def size(self) -> int:
-        return self.operator.size
 
     def extra_hvps(self) -> int:
-        """Products spent besides the blocks' own (the start's, ``hvp_method="auto"`` choosing)."""
-        return self.operator.probe_hvps - self._spent + self.whole_hvps + sum(op.probe_hvps for op in self.ops.values())
-
-    def whole(self, z: Tensor) -> Tensor:
-        """``H z`` over all the blocks (``z`` flat, the blocks' parameters in the model's order)."""
-        self.whole_hvps += 1
-        return self.operator.matmat(z.unsqueeze(0))[0]
+        """Products spent besides the blocks' own (the start's, choosing), the per-block operators' included."""
+        return super().extra_hvps() + sum(op.probe_hvps for op in self.ops.values())
 
     def _operator(self, name: str) -> LossOperator:
         if name not in self.ops:
@@ -406,7 +402,7 @@ class _Chain:
 
 
 def _starts(
-    products: _Shared | _Restricted, blocks: list[_Block], generator: torch.Generator, init: Tensor | None = None
+    products: _Products, blocks: list[_Block], generator: torch.Generator, init: Tensor | None = None
 ) -> list[Tensor]:
     """Each block's start: its unit part of ``init`` or else of ``H z`` (``z`` Gaussian over all blocks, one
     product) plus :data:`START_NOISE` times a random unit vector (the random vector alone where that part is zero)."""
@@ -426,7 +422,7 @@ def _starts(
 
 
 def _top_eigenvalues(
-    products: _Shared | _Restricted,
+    products: _Products,
     blocks: list[_Block],
     tol: float,
     max_hvps: int,
@@ -446,7 +442,7 @@ def _top_eigenvalues(
 
 
 def _traces(
-    products: _Shared | _Restricted, blocks: list[_Block], samples: int, generator: torch.Generator
+    products: _Products, blocks: list[_Block], samples: int, generator: torch.Generator
 ) -> list[tuple[float, float, int]]:
     """``(trace, stderr, products)`` per block: exact from unit vectors when ``size <= samples``, else Hutch++ with
     ``samples // 3`` sketch vectors, as many for the sketch's exact part and the rest Hutchinson (Rademacher) probes
@@ -538,7 +534,7 @@ def block_estimates(
 
 
 def _estimate(
-    products: _Shared | _Restricted,
+    products: _Products,
     parts: list[_Block],
     eigenvalues: bool,
     trace: bool,
@@ -664,7 +660,7 @@ def block_curvature(
             op = stack.enter_context(LossOperator(model, loss_fn, batches, _union(model, split), **options))
         _check_operator(op, model, split, init, given=operator is not None)
         if products == "per_block":
-            source: _Shared | _Restricted = _Restricted(op, model, loss_fn, batches, split, stack, **options)
+            source: _Products = _Restricted(op, model, loss_fn, batches, split, stack, **options)
         else:
             source = _Shared(op)
         at = dict(zip(op.spec.names, itertools.accumulate([0, *op.spec.sizes]), strict=False))

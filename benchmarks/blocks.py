@@ -232,40 +232,26 @@ def main() -> None:
             "whole",
         ),
     ]
+
+    def peer_rows(key: str, whole_label: str, blocks_label: str) -> list[tuple[str, str, Any, str, str]]:
+        """A peer's whole-model and per-block rows, from its ``(eigenvalue, products)`` results."""
+        value, count = out[f"{key} whole"]
+        per_block = out[f"{key} blocks"]
+        return [
+            (whole_label, f"{key} whole", count, f"{rel_err(value, dense_whole):.1e}", f"{key} whole"),
+            (
+                blocks_label,
+                f"{key} blocks",
+                sum(v[1] for v in per_block.values()),
+                block_err({k: v[0] for k, v in per_block.items()}),
+                f"{key} whole",
+            ),
+        ]
+
     if he is not None:
-        rows += [
-            (
-                f"eigenthings whole, max_iter {m_whole}",
-                "he whole",
-                out["he whole"][1],
-                f"{rel_err(out['he whole'][0], dense_whole):.1e}",
-                "he whole",
-            ),
-            (
-                f"eigenthings {b} blocks, param_filter",
-                "he blocks",
-                sum(v[1] for v in out["he blocks"].values()),
-                block_err({k: v[0] for k, v in out["he blocks"].items()}),
-                "he whole",
-            ),
-        ]
+        rows += peer_rows("he", f"eigenthings whole, max_iter {m_whole}", f"eigenthings {b} blocks, param_filter")
     if cl is not None:
-        rows += [
-            (
-                "curvlinops whole, eigsh",
-                "cl whole",
-                out["cl whole"][1],
-                f"{rel_err(out['cl whole'][0], dense_whole):.1e}",
-                "cl whole",
-            ),
-            (
-                f"curvlinops {b} blocks, eigsh",
-                "cl blocks",
-                sum(v[1] for v in out["cl blocks"].values()),
-                block_err({k: v[0] for k, v in out["cl blocks"].items()}),
-                "cl whole",
-            ),
-        ]
+        rows += peer_rows("cl", "curvlinops whole, eigsh", f"curvlinops {b} blocks, eigsh")
     print(f"\ntop eigenvalue, {repeats} interleaved rounds (medians; paired: median of per-round ratios)")
     head = ("", "seconds", "HVPs", "x ours whole", "x own whole", "max rel err")
     print(f"{head[0]:<40}{head[1]:>9}{head[2]:>7}{head[3]:>14}{head[4]:>13}{head[5]:>13}")

@@ -60,6 +60,18 @@ def trainer(tmp_path, callbacks, **kwargs) -> pl.Trainer:
     return pl.Trainer(**defaults)
 
 
+def fitted_weights(tmp_path, callbacks, n_train: int = 256, validate: bool = False) -> dict[str, torch.Tensor]:
+    """The weights after a deterministic 2-epoch fit of ``DigitsModule(lr=0.1, momentum=0.9)`` (seed 0, batches of
+    32) with ``callbacks``: run once without and once with a callback, they say whether it changed training."""
+    torch.manual_seed(0)
+    train, val = loaders(n_train=n_train, batch_size=32)
+    module = DigitsModule(lr=0.1, momentum=0.9)
+    trainer(tmp_path, callbacks, max_epochs=2, deterministic=True, logger=False).fit(
+        module, train, val if validate else None
+    )
+    return {k: v.clone() for k, v in module.state_dict().items()}
+
+
 def read_events(log_dir) -> EventAccumulator:
     """All scalars, images and texts in the event files under ``log_dir``."""
     files = sorted(glob.glob(f"{log_dir}/**/events.out.tfevents.*", recursive=True))

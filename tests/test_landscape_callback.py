@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 from _ddp import run_ddp
-from _lightning import DigitsModule, loaders, read_events, scalar_steps, trainer
+from _lightning import DigitsModule, fitted_weights, loaders, read_events, scalar_steps, trainer
 from _models import cross_entropy
 
 import lightning_landscape.callbacks.landscape as landscape_module
@@ -64,15 +64,11 @@ def test_frames_in_event_file_and_fixed_directions(tmp_path, recorded):
 
 def test_training_unchanged_by_callback(tmp_path):
     """Same fit with and without the callback: bitwise-equal weights (CPU, deterministic)."""
-    results = []
-    for callbacks in ([], [LossLandscapeCallback(every_n_train_steps=3, steps=5, steps_1d=5)]):
-        torch.manual_seed(0)
-        train, val = loaders(n_train=192, batch_size=32)
-        module = DigitsModule(lr=0.1, momentum=0.9)
-        trainer(tmp_path, callbacks, max_epochs=2, deterministic=True, logger=False).fit(module, train, val)
-        results.append({k: v.clone() for k, v in module.state_dict().items()})
-    for key in results[0]:
-        assert torch.equal(results[0][key], results[1][key]), key
+    plain = fitted_weights(tmp_path, [], n_train=192, validate=True)
+    cb = LossLandscapeCallback(every_n_train_steps=3, steps=5, steps_1d=5)
+    watched = fitted_weights(tmp_path, [cb], n_train=192, validate=True)
+    for key in plain:
+        assert torch.equal(plain[key], watched[key]), key
 
 
 def test_resume_continues_the_same_frames(tmp_path, recorded):

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 from _ddp import run_ddp
-from _lightning import DigitsModule, loaders, read_events, scalar_steps, trainer
+from _lightning import DigitsModule, fitted_weights, loaders, read_events, scalar_steps, trainer
 from _models import cross_entropy
 from pytorch_lightning.callbacks import ModelCheckpoint
 from test_trajectory import numpy_pca
@@ -64,17 +64,12 @@ def test_snapshots_thinning_and_the_plane_in_tensorboard(tmp_path):
 
 def test_training_unchanged_by_callback(tmp_path):
     """Same fit with and without the callback: bitwise-equal weights (CPU, deterministic)."""
-    results = []
-    for callbacks in ([], [TrajectoryCallback(every_n_train_steps=4, snapshot_every_n_train_steps=1, steps=3)]):
-        torch.manual_seed(0)
-        train, val = loaders(n_train=192, batch_size=32)
-        module = DigitsModule(lr=0.1, momentum=0.9)
-        trainer(tmp_path, callbacks, max_epochs=2, deterministic=True, logger=False).fit(module, train, val)
-        results.append({k: v.clone() for k, v in module.state_dict().items()})
-        if callbacks:
-            assert callbacks[0].last_metrics and len(callbacks[0].store) == 13
-    for key in results[0]:
-        assert torch.equal(results[0][key], results[1][key]), key
+    plain = fitted_weights(tmp_path, [], n_train=192, validate=True)
+    cb = TrajectoryCallback(every_n_train_steps=4, snapshot_every_n_train_steps=1, steps=3)
+    watched = fitted_weights(tmp_path, [cb], n_train=192, validate=True)
+    assert cb.last_metrics and len(cb.store) == 13
+    for key in plain:
+        assert torch.equal(plain[key], watched[key]), key
 
 
 def test_resume_keeps_the_snapshots(tmp_path):

@@ -9,7 +9,7 @@ from torch import Tensor
 
 from ._space import EUCLIDEAN, VectorSpace
 
-__all__ = ["DenseOperator", "SymmetricOperator"]
+__all__ = ["DenseOperator", "EnteredOperator", "SymmetricOperator"]
 
 
 @runtime_checkable
@@ -54,3 +54,23 @@ class DenseOperator:
 
     def matmat(self, vectors: Tensor) -> Tensor:
         return vectors @ self.matrix
+
+
+class EnteredOperator:
+    """An operator that evaluates the model only within its ``with`` block (where it has set the model's mode, the
+    random state and autograd up): ``is_open``, and the refusal its evaluating methods call first. A subclass keeps
+    its entered contexts in ``self._ctx`` (a list, empty when closed)."""
+
+    _ctx: list
+
+    @property
+    def is_open(self) -> bool:
+        """Whether the operator is entered (within its ``with`` block), where its products are defined."""
+        return bool(self._ctx)
+
+    def _require_open(self) -> None:
+        """Refuse to evaluate outside the ``with`` block: the model would run in whatever mode it is in (BatchNorm
+        in train mode updating its running statistics, dropout drawing from the global generator)."""
+        if not self._ctx:
+            name = type(self).__name__
+            raise RuntimeError(f"{name} used outside its `with` block: evaluate it inside `with {name}(...) as op:`.")

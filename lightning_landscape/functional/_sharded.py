@@ -39,6 +39,7 @@ import torch
 from torch import Tensor, nn
 
 from ._batches import apply_to_tensors, batch_size, clone_if_inference, scalar_loss
+from ._operator import EnteredOperator
 from ._params import select_parameters
 
 if TYPE_CHECKING:
@@ -160,7 +161,7 @@ def sharded_parameters(
     return names, tensors, slices, mesh.get_group(), world
 
 
-class ShardedLossOperator:
+class ShardedLossOperator(EnteredOperator):
     """Loss, gradient and Hessian-vector products of ``loss_fn`` over fixed ``batches`` for an FSDP2-sharded model.
 
     The same interface as :class:`~lightning_landscape.functional.LossOperator` (``size``, ``dtype``,
@@ -317,17 +318,6 @@ class ShardedLossOperator:
 
     def _loss_of(self, batch: Any) -> Tensor:
         return scalar_loss(self.loss_fn(self.model, batch))
-
-    @property
-    def is_open(self) -> bool:
-        """Whether the operator is entered (within its ``with`` block), where its products are defined."""
-        return bool(self._ctx)
-
-    def _require_open(self) -> None:
-        if not self._ctx:
-            raise RuntimeError(
-                "ShardedLossOperator used outside its `with` block: evaluate it inside `with ... as op:`."
-            )
 
     def loss(self, delta: Tensor | None = None) -> Tensor:
         """The loss at ``θ + δ`` over every process's probe (``δ`` a local flat vector), a 0-dim tensor."""

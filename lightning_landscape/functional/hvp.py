@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from ._batches import apply_to_tensors, batch_size, clone_if_inference, scalar_loss, split_batch
+from ._operator import EnteredOperator
 from ._params import ParamsArg, ParamSpec, compute_dtype
 from ._sharded import ShardedLossOperator, is_sharded
 
@@ -160,7 +161,7 @@ def _math_attention() -> contextlib.AbstractContextManager:
     return sdpa_kernel(SDPBackend.MATH)
 
 
-class LossOperator:
+class LossOperator(EnteredOperator):
     """Loss, gradient and Hessian-vector products of ``loss_fn`` over fixed ``batches``.
 
     Use it as a context manager: on entry the module is put in eval mode (unless
@@ -350,19 +351,6 @@ class LossOperator:
         return [t.to(self.dtype) for t in base] if self._upcast else base
 
     # ------------------------------------------------------------------ context
-    @property
-    def is_open(self) -> bool:
-        """Whether the operator is entered (within its ``with`` block), where its products are defined."""
-        return bool(self._ctx)
-
-    def _require_open(self) -> None:
-        """Refuse to evaluate outside the ``with`` block: the model would run in whatever mode it is in (BatchNorm
-        in train mode updating its running statistics, dropout drawing from the global generator)."""
-        if not self._ctx:
-            raise RuntimeError(
-                "LossOperator used outside its `with` block: evaluate it inside `with LossOperator(...) as op:`."
-            )
-
     def __enter__(self) -> LossOperator:
         modes = [(m, m.training) for m in self.model.modules()]
         sparse = [(m, m.sparse) for m in self.model.modules() if getattr(m, "sparse", False) is True]

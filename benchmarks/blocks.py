@@ -10,8 +10,10 @@ On a probe batch of digits (``--samples``), after ``--train-steps`` of SGD, it t
 1. ``whole top-1``: :func:`~lightning_landscape.functional.hessian_eigenvalues` with ``k=1`` on all parameters;
 2. :func:`~lightning_landscape.functional.blocks.block_curvature` with ``trace=False``: one Lanczos run per
    block, all in lockstep, with ``products="shared"`` (one operator over all blocks, the blocks' rows batched when
-   that is faster per row) and ``products="per_block"`` (one operator per block, each product restricted to its
-   block); the target: within 3x of line 1 for up to 20 blocks;
+   that is faster per row) and ``products="per_block"`` (each product restricted to its block, from the one
+   gradient graph; on a CPU a step's products run side by side on ``torch.get_num_interop_threads()`` threads
+   where that measured faster; the CPU time of all threads is reported beside the wall time); the target: within
+   3x of line 1 for up to 20 blocks;
    Also, as ``HessianCallback(blocks=...)`` runs them: the whole top-1 and then ``block_curvature(operator=op,
    init=λ1's eigenvector)`` on the same operator; the blocks' part is that pair's time over line 1's, minus one;
 3. ``blocks one by one``: ``hessian_eigenvalues(params=block)`` for each block in turn (what a user writes
@@ -40,6 +42,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -167,7 +170,8 @@ def main() -> None:
     )
     if len(blocks) > 20:
         print(f"note: {len(blocks)} blocks, more than the target's 20")
-    dense = {name: reference_top(model, batches[0], names) for name, names in blocks.items()}
+    top2 = {name: plain_hessian_top(model, batches[0], names, 2) for name, names in blocks.items()}
+    dense = {name: float(values[0]) for name, values in top2.items()}
     all_names = [name for name, p in model.named_parameters() if p.requires_grad]
     dense_whole = reference_top(model, batches[0], all_names)
 
@@ -199,13 +203,36 @@ def main() -> None:
         fns["cl whole"] = lambda: curvlinops_top1(cl, model, batches, None)
         fns["cl blocks"] = lambda: {name: curvlinops_top1(cl, model, batches, names) for name, names in blocks.items()}
     out = {key: fn() for key, fn in fns.items()}  # warm-up, and the values reported
-    times = interleaved(fns, device, repeats)
+    cpu: dict[str, list[float]] = {key: [] for key in fns}  # CPU seconds of every thread of the process
+
+    def cpu_timed(key: str, fn: Callable[[], Any]) -> Callable[[], Any]:
+        def run() -> Any:
+            start = time.process_time()
+            fn()
+            cpu[key].append(time.process_time() - start)
+
+        return run
+
+    times = interleaved({key: cpu_timed(key, fn) for key, fn in fns.items()}, device, repeats)
     med = {key: statistics.median(ts) for key, ts in times.items()}
     whole, batched, restricted, loop = out["whole"], out["shared"], out["per_block"], out["loop"]
 
     b = len(blocks)
 
-    def block_err(values: dict[str, float]) -> str:
+    misses: list[str] = []
+
+    def block_err(values: dict[str, float], label: str = "") -> str:
+        """The largest relative error over the blocks; each one above ``TOL`` is explained below the table."""
+        for k in blocks:
+            if rel_err(values[k], dense[k]) > TOL:
+                lam1, lam2 = (float(v) for v in top2[k])
+                why = (
+                    f"the block's top two eigenvalues are {lam1:.6g} and {lam2:.6g}, {rel_err(lam2, lam1):.1e} apart:"
+                    " one start vector stopped on the second (README, Limits)"
+                    if rel_err(values[k], lam2) <= TOL
+                    else "NOT explained by the block's second eigenvalue"
+                )
+                misses.append(f"{label}: block {k}: {values[k]:.6g}, {rel_err(values[k], dense[k]):.1e} off; {why}")
         return f"{max(rel_err(values[k], dense[k]) for k in blocks):.1e}"
 
     rows: list[tuple[str, str, Any, str, str]] = [
@@ -216,19 +243,25 @@ def main() -> None:
             f"{rel_err(float(whole.eigenvalues[0]), dense_whole):.1e}",
             "whole",
         ),
-        (f"ours {b} blocks, products='shared'", "shared", batched.total_hvps, block_err(batched.eigenvalues), "whole"),
+        (
+            f"ours {b} blocks, products='shared'",
+            "shared",
+            batched.total_hvps,
+            block_err(batched.eigenvalues, "shared"),
+            "whole",
+        ),
         (
             f"ours {b} blocks, products='per_block'",
             "per_block",
             restricted.total_hvps,
-            block_err(restricted.eigenvalues),
+            block_err(restricted.eigenvalues, "per_block"),
             "whole",
         ),
         (
             f"ours {b} blocks one by one",
             "loop",
             sum(r.num_hvps for r in loop.values()),
-            block_err({k: float(r.eigenvalues[0]) for k, r in loop.items()}),
+            block_err({k: float(r.eigenvalues[0]) for k, r in loop.items()}, "one by one"),
             "whole",
         ),
     ]
@@ -243,7 +276,7 @@ def main() -> None:
                 blocks_label,
                 f"{key} blocks",
                 sum(v[1] for v in per_block.values()),
-                block_err({k: v[0] for k, v in per_block.items()}),
+                block_err({k: v[0] for k, v in per_block.items()}, blocks_label),
                 f"{key} whole",
             ),
         ]
@@ -269,6 +302,12 @@ def main() -> None:
     )
     if he is not None:
         print(f"eigenthings oracle max_iter per block: {list(m_block.values())} (whole model: {m_whole})")
+    print(
+        f"'per_block' ran its products on {restricted.threads} thread(s) side by side (torch threads"
+        f" {torch.get_num_threads()}, interop threads {torch.get_num_interop_threads()}); CPU time of all threads,"
+        f" paired: 'per_block' {paired_ratio(cpu, 'per_block', 'whole'):.2f}x ours whole, 'shared'"
+        f" {paired_ratio(cpu, 'shared', 'whole'):.2f}x"
+    )
     best = min(paired_ratio(times, key, "whole") for key in ("shared", "per_block"))
     print(f"target (issue 15): blocks within 3x of whole top-1: {best:.2f}x, {'met' if best <= 3 else 'NOT met'}")
     after = out["whole+blocks"]
@@ -276,8 +315,10 @@ def main() -> None:
     print(
         "as HessianCallback(blocks=) measures them (the whole top-1, then the blocks on its operator from λ1's"
         f" vector): {med['whole+blocks']:.3f} s in all; the blocks' part {extra:.2f}x the whole top-1 (paired),"
-        f" {after.total_hvps} HVPs, max rel err {block_err(after.eigenvalues)}"
+        f" {after.total_hvps} HVPs, max rel err {block_err(after.eigenvalues, 'whole+blocks')}"
     )
+    for line in misses:
+        print(f"above tol: {line}")
 
     samples = args.trace_samples
     best_source = "shared" if med["shared"] <= med["per_block"] else "per_block"

@@ -3,6 +3,10 @@ against dense float64 Hessians of an MLP, a CNN with BatchNorm (eval mode) and a
 
 from __future__ import annotations
 
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 import pytest
 import torch
@@ -235,6 +239,88 @@ def test_per_block_products_share_one_gradient_graph(monkeypatch):
         assert fd.eigenvalues[name] == pytest.approx(top, rel=1e-4), name  # float64 central differences
     # the blocks' own products and the start's whole product (H z), which also chose the method
     assert r.total_hvps == sum(r.num_hvps.values()) + 1
+
+
+@pytest.mark.parametrize("faster", [True, False])
+def test_restricted_products_run_side_by_side_on_threads_where_measured_faster(monkeypatch, faster):
+    """Each product sleeps (which frees the GIL, as autograd's work does): side by side on two threads the second
+    step takes half the wall time of the first, timed one block after another, and the threads stay; when the
+    threads only queue behind one lock (and sleep longer), one after another comes back."""
+    model, batches = cnn()
+    h = exact_hessian(model, batches)
+    alone = block_curvature(model, loss_fn, batches, "layer", tol=1e-8, trace=False, products="per_block")
+    assert alone.threads == 1 or blocks_module.cpu_threads() > 1
+    monkeypatch.setattr(blocks_module, "cpu_threads", lambda: 2)
+    original, queue, seen = blocks_module._Restricted._restricted, threading.Lock(), []
+
+    def slow(self, item):
+        on_main = threading.current_thread() is threading.main_thread()
+        seen.append(on_main)
+        if faster:
+            time.sleep(0.02)
+        else:
+            with queue:
+                time.sleep(0.02 if on_main else 0.04)
+        return original(self, item)
+
+    steps, whole_step = [], blocks_module._Restricted._from_shared_graph
+
+    def step(self, work):
+        at = len(seen)
+        out = whole_step(self, work)
+        steps.append(seen[at:])  # where each product of the step ran: on the main thread or not
+        return out
+
+    monkeypatch.setattr(blocks_module._Restricted, "_restricted", slow)
+    monkeypatch.setattr(blocks_module._Restricted, "_from_shared_graph", step)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)  # each of the two threads runs its operations on one: the default is put back after
+    try:
+        r = block_curvature(model, loss_fn, batches, "layer", tol=1e-8, trace_samples=84, products="per_block")
+        with ThreadPoolExecutor(1) as fresh:  # a thread started afterwards takes torch's default
+            assert fresh.submit(torch.get_num_threads).result() == 2
+    finally:
+        torch.set_num_threads(before)
+    assert r.threads == (2 if faster else 1)
+    blocks = len(r.blocks)
+    assert steps[0] == [True] * blocks and steps[1] == [False] * blocks  # measured: alone, then side by side
+    later = [s for s in steps[2:] if len(s) > 1]  # (a step of one block runs alone)
+    assert later and all(s == [not faster] * len(s) for s in later)  # then the faster way only
+    for name, names in r.blocks.items():  # the same numbers either way
+        idx = columns(model, names)
+        assert r.eigenvalues[name] == pytest.approx(alone.eigenvalues[name], rel=1e-12, abs=1e-12)
+        assert r.eigenvalues[name] == pytest.approx(float(torch.linalg.eigvalsh(h[idx][:, idx])[-1]), rel=EIG_RTOL)
+        assert r.traces[name] == pytest.approx(float(h[idx][:, idx].trace()), rel=1e-9)
+
+
+def test_restricted_hvp_from_several_threads_builds_a_missing_graph_once(monkeypatch):
+    model, batches = cnn()
+    h = exact_hessian(model, batches)
+    builds, original = [], LossOperator._build_gradient_graph
+
+    def slow_build(self, *args):
+        builds.append(threading.current_thread().name)
+        time.sleep(0.05)  # long enough for every thread to arrive while the first builds
+        return original(self, *args)
+
+    with LossOperator(model, loss_fn, batches) as op:
+        op.hvp(torch.ones(1, op.size, dtype=torch.float64))
+        op._graphs.clear()  # as after the probe batches were split: the graphs are built again on demand
+        monkeypatch.setattr(LossOperator, "_build_gradient_graph", slow_build)
+        params = [[j] for j in range(len(op.spec.names))]
+        barrier = threading.Barrier(4)
+
+        def product(j: int) -> torch.Tensor:
+            barrier.wait()
+            v = torch.ones(1, op.spec.sizes[j], dtype=torch.float64)
+            return op.restricted_hvp(v, [j])
+
+        with ThreadPoolExecutor(4) as pool:
+            out = list(pool.map(product, range(4)))
+    assert len(builds) == 1  # the others waited for it and used it
+    for j, hv in enumerate(out):
+        idx = columns(model, [op.spec.names[j]])
+        assert torch.allclose(hv[0], h[idx][:, idx].sum(dim=1), rtol=1e-10, atol=1e-12), params[j]
 
 
 def test_attention_under_the_math_backend_shares_the_graph_too(monkeypatch):

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import math
+import threading
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NamedTuple
@@ -309,6 +310,7 @@ class LossOperator(EnteredOperator):
         self.product_check_failed = False
         self._validate = validate
         self._graphs: dict[tuple[int, int], _GradientGraph] = {}
+        self._building = threading.RLock()  # one thread at a time substitutes the parameters to build a graph
         self.size = self.spec.numel
         self.device = self.spec.device
         self._loss_fn = loss_fn
@@ -714,7 +716,9 @@ class LossOperator(EnteredOperator):
         own. ``None`` until the product method is chosen and checked (call :meth:`hvp` once), and unless it is
         double backward with its graphs kept in one process (a ``reduce_fn`` would need the rows reduced),
         or when autograd fails here (out of memory: the kept graphs are then given back and no more are kept): then
-        ask an operator restricted to those parameters.
+        ask an operator restricted to those parameters. Several threads may call it at once (different blocks' products
+        on a CPU run side by side that way): the products only read the kept graphs, and a graph that must be built
+        first is built once, by one thread, while the others wait.
 
         Example:
             >>> model = torch.nn.Linear(2, 1)
@@ -1038,6 +1042,11 @@ class LossOperator(EnteredOperator):
         keep = key is not None and self.cache_graph
         if keep and key in self._graphs:
             return self._graphs[key]
+        with self._building:  # (restricted_hvp may run in several threads; products on kept graphs need no lock)
+            graph = self._graphs.get(key) if keep else None
+            return graph if graph is not None else self._build_gradient_graph(batch, key, keep)
+
+    def _build_gradient_graph(self, batch: Any, key: Any, keep: bool) -> _GradientGraph:
         point = [t.detach().requires_grad_(True) for t in self.base_tensors()]
         loss = self._batch_loss(point, batch)
         self._check_graph(loss)

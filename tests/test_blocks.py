@@ -293,6 +293,21 @@ def test_restricted_products_run_side_by_side_on_threads_where_measured_faster(m
         assert r.traces[name] == pytest.approx(float(h[idx][:, idx].trace()), rel=1e-9)
 
 
+def test_a_quick_step_never_tries_the_threads(monkeypatch):
+    model, batches = cnn()
+    monkeypatch.setattr(blocks_module, "cpu_threads", lambda: 2)
+    monkeypatch.setattr(blocks_module, "MIN_THREADED_STEP", 3600.0)  # every step is "quick"
+    original, on_main = blocks_module._Restricted._restricted, []
+
+    def spy(self, item):
+        on_main.append(threading.current_thread() is threading.main_thread())
+        return original(self, item)
+
+    monkeypatch.setattr(blocks_module._Restricted, "_restricted", spy)
+    r = block_curvature(model, loss_fn, batches, "layer", tol=1e-8, trace=False, products="per_block")
+    assert r.threads == 1 and len(on_main) == sum(r.num_hvps.values()) and all(on_main)
+
+
 def test_restricted_hvp_from_several_threads_builds_a_missing_graph_once(monkeypatch):
     model, batches = cnn()
     h = exact_hessian(model, batches)

@@ -70,6 +70,11 @@ MAX_ROWS = 64
 PRODUCT_SOURCES = ("auto", "shared", "per_block")
 # a Lanczos residual below DEFLATION_TOL · eps · ‖T‖ is an invariant subspace (as in _lanczos.block_lanczos)
 DEFLATION_TOL = 100.0
+#: Seconds a step of the blocks' restricted products must take, one after another, for :func:`block_curvature` to try
+#: them side by side on threads: starting, feeding and stopping two threads costs ~0.5 ms (measured on this 2-core
+#: CPU), which a step of the 610-parameter digits MLP's four blocks (~1 ms) does not win back (1.76x one whole-model
+#: top-1 one after another, 2.08x with the threads tried).
+MIN_THREADED_STEP = 0.005
 #: The weight of a block's own random unit vector in its start (next to its unit part of ``H z``): every direction of
 #: the block is in the start, even one ``H z`` barely touches. Digits ResNet, 15 blocks, products over three seeds:
 #: 83 with 0, 80–85 with 0.1, 84–88 with 0.3, 83–88 with 1.0; Gaussian starts alone 89–96.
@@ -314,8 +319,9 @@ class _Restricted(_Products):
     so they can run at the same time on several threads (autograd releases the GIL; at most
     :func:`torch.get_num_interop_threads`, PyTorch's setting for work run side by side, and at most the CPUs this
     process may use). Whether that is faster is measured once, on products needed anyway: the first step of
-    several blocks runs one block after another, each product timed; the second runs on the threads, and stays so
-    for every later step if its wall time was below the sum of the same blocks' first times."""
+    several blocks runs one block after another, each product timed; if it took at least :data:`MIN_THREADED_STEP`,
+    the second runs on the threads, and they serve every later step if its wall time was below the sum of the same
+    blocks' first times."""
 
     def __init__(
         self,
@@ -379,6 +385,8 @@ class _Restricted(_Products):
                 start = self._clock()
                 out.append(self._restricted(item))
                 self._seconds[item[0].name] = self._clock() - start
+            if sum(self._seconds.values()) < MIN_THREADED_STEP:
+                self.concurrent = False
             return out
         if self._pool is None:
             self._pool = self._start_pool()
@@ -389,7 +397,6 @@ class _Restricted(_Products):
             if None not in alone:
                 self.concurrent = self._clock() - start < sum(alone)
         return out
-
 
     def _start_pool(self) -> ThreadPoolExecutor:
         """The threads, each running its operations on its share of torch's threads (at least one: several threads

@@ -164,8 +164,8 @@ class BlockResult:
         rows_batched: with ``products="shared"``, whether the blocks' rows went through one batched product (``True``)
             or row by row (``False``), as measured faster; ``None`` when not decided (or ``products="per_block"``).
         threads: with ``products="per_block"`` on a CPU, the threads the blocks' restricted products ran on side by
-            side (1: one after another, where that was measured faster or only one thread may run; see
-            :func:`cpu_threads`).
+            side (1: one after another, where that measured faster, a step was too quick to try threads, or only one
+            thread may run; see :func:`cpu_threads` and :data:`MIN_THREADED_STEP`).
     """
 
     blocks: dict[str, list[str]]

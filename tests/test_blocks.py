@@ -293,6 +293,64 @@ def test_restricted_products_run_side_by_side_on_threads_where_measured_faster(m
         assert r.traces[name] == pytest.approx(float(h[idx][:, idx].trace()), rel=1e-9)
 
 
+def test_threads_put_back_torch_default_not_the_callers_own_setting(monkeypatch):
+    """A caller thread started under one default (its own setting stays) runs the blocks after the default changed:
+    threads started afterwards get the new default, not the caller's."""
+    model, batches = cnn()
+    monkeypatch.setattr(blocks_module, "cpu_threads", lambda: 2)
+    monkeypatch.setattr(blocks_module, "MIN_THREADED_STEP", 0.0)  # always try the threads
+    before = torch.get_num_threads()
+    ready, go = threading.Event(), threading.Event()
+
+    def caller() -> tuple[int, int]:
+        torch.get_num_threads()  # this thread takes the default of now: 2
+        ready.set()
+        go.wait()
+        r = block_curvature(model, loss_fn, batches, "layer", tol=1e-6, trace=False, products="per_block")
+        return r.threads, torch.get_num_threads()
+
+    torch.set_num_threads(2)
+    try:
+        with ThreadPoolExecutor(1) as other:
+            future = other.submit(caller)
+            ready.wait()
+            torch.set_num_threads(1)  # the default now: 1
+            go.set()
+            threads, its_own = future.result()
+        with ThreadPoolExecutor(1) as fresh:
+            assert fresh.submit(torch.get_num_threads).result() == 1  # the default, as the main thread left it
+        assert its_own == 2 and torch.get_num_threads() == 1
+        assert threads in (1, 2)  # (whichever measured faster: not the point here)
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_restricted_products_failing_on_the_threads_fall_back_with_one_warning(monkeypatch):
+    model, batches = cnn()
+    h = exact_hessian(model, batches)
+    monkeypatch.setattr(blocks_module, "cpu_threads", lambda: 2)
+    original_step, original_part = blocks_module._Restricted._restricted, LossOperator._restricted_part
+
+    def slow(self, item):  # threads measured faster (see above)
+        time.sleep(0.02)
+        return original_step(self, item)
+
+    def main_thread_only(self, *args):  # e.g. an op whose backward works only on the main thread
+        if threading.current_thread() is not threading.main_thread():
+            raise RuntimeError("backward off the main thread (simulated)")
+        return original_part(self, *args)
+
+    monkeypatch.setattr(blocks_module._Restricted, "_restricted", slow)
+    monkeypatch.setattr(LossOperator, "_restricted_part", main_thread_only)
+    with pytest.warns(RuntimeWarning, match="restricted Hessian-vector product failed") as caught:
+        r = block_curvature(model, loss_fn, batches, "layer", tol=1e-8, trace=False, products="per_block")
+    assert len([w for w in caught if "restricted Hessian-vector" in str(w.message)]) == 1
+    assert r.threads == 1  # the products went to one operator per block, on this thread
+    for name, names in r.blocks.items():
+        idx = columns(model, names)
+        assert r.eigenvalues[name] == pytest.approx(float(torch.linalg.eigvalsh(h[idx][:, idx])[-1]), rel=EIG_RTOL)
+
+
 def test_a_quick_step_never_tries_the_threads(monkeypatch):
     model, batches = cnn()
     monkeypatch.setattr(blocks_module, "cpu_threads", lambda: 2)
@@ -336,6 +394,48 @@ def test_restricted_hvp_from_several_threads_builds_a_missing_graph_once(monkeyp
     for j, hv in enumerate(out):
         idx = columns(model, [op.spec.names[j]])
         assert torch.allclose(hv[0], h[idx][:, idx].sum(dim=1), rtol=1e-10, atol=1e-12), params[j]
+
+
+class _WithUnusedLayer(nn.Module):
+    """An MLP with a layer its forward never calls (an auxiliary head, say): its Hessian block is zero."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.aux = nn.Linear(4, 6), nn.Linear(6, 3), nn.Linear(6, 6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(torch.tanh(self.a(x)))
+
+
+@pytest.mark.parametrize("products", ["per_block", "shared"])
+def test_a_layer_the_loss_does_not_read_has_zero_curvature_and_spoils_no_other_block(products):
+    """Several rows through one batched product used to give an unreached parameter an unbatched zero (and a
+    restricted product then fell back, block by block, to operators that failed on the unread layer)."""
+    torch.manual_seed(3)
+    model = _WithUnusedLayer().double()
+    batches = [(torch.randn(32, 4, dtype=torch.float64), torch.randint(0, 3, (32,)))]
+    h = exact_hessian(model, batches)
+    r = block_curvature(model, loss_fn, batches, "module", tol=1e-8, trace_samples=40, products=products)
+    assert r.eigenvalues["aux"] == 0.0 and r.traces["aux"] == 0.0 and r.converged["aux"]
+    for name in ("a", "b"):
+        idx = columns(model, r.blocks[name])
+        block = h[idx][:, idx]
+        assert r.eigenvalues[name] == pytest.approx(float(torch.linalg.eigvalsh(block)[-1]), rel=EIG_RTOL)
+        assert r.traces[name] == pytest.approx(float(block.trace()), rel=1e-9)  # exact: 33 and 21 unit vectors
+    with LossOperator(model, loss_fn, batches) as op:  # the whole model: several rows in one batched backward
+        v = torch.randn(3, op.size, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+        assert torch.allclose(op.hvp(v), v @ h, rtol=1e-10, atol=1e-12)
+        assert op._blocks_batched is True  # (it used to fail there and loop from then on)
+
+
+@pytest.mark.parametrize("method", ["auto", "double_backward", "finite_difference", "forward_over_reverse"])
+def test_an_operator_over_parameters_the_loss_does_not_read_is_zero(method):
+    model = _WithUnusedLayer().double()
+    batches = [(torch.randn(8, 4, dtype=torch.float64), torch.randint(0, 3, (8,)))]
+    with LossOperator(model, loss_fn, batches, params="aux.*", hvp_method=method) as op:
+        assert torch.equal(op.hvp(torch.ones(2, op.size, dtype=torch.float64)), torch.zeros(2, op.size))
+        loss, grad = op.gradient()
+        assert torch.equal(grad, torch.zeros(op.size)) and loss > 0
 
 
 def test_attention_under_the_math_backend_shares_the_graph_too(monkeypatch):

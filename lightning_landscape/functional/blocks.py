@@ -164,8 +164,9 @@ class BlockResult:
         rows_batched: with ``products="shared"``, whether the blocks' rows went through one batched product (``True``)
             or row by row (``False``), as measured faster; ``None`` when not decided (or ``products="per_block"``).
         threads: with ``products="per_block"`` on a CPU, the threads the blocks' restricted products ran on side by
-            side (1: one after another, where that measured faster, a step was too quick to try threads, or only one
-            thread may run; see :func:`cpu_threads` and :data:`MIN_THREADED_STEP`).
+            side (1: one after another, where that measured faster, a step was too quick to try threads, only one
+            thread may run, or the products fell back to one operator per block; see :func:`cpu_threads` and
+            :data:`MIN_THREADED_STEP`).
     """
 
     blocks: dict[str, list[str]]
@@ -401,12 +402,17 @@ class _Restricted(_Products):
     def _start_pool(self) -> ThreadPoolExecutor:
         """The threads, each running its operations on its share of torch's threads (at least one: several threads
         each spreading every operation over all the cores would fight over them). Setting a thread's share also
-        sets torch's default for threads started later, which is put back when the blocks are done."""
+        sets torch's default for threads started later: when the blocks are done, one of the pool's threads puts
+        back the default it had (read in a fresh thread, which starts from it), so that no other thread's own
+        setting changes."""
         share = max(1, torch.get_num_threads() // self.threads)
-        self.stack.callback(torch.set_num_threads, torch.get_num_threads())  # (after the pool has shut down)
-        return self.stack.enter_context(
+        with ThreadPoolExecutor(1) as fresh:
+            default = fresh.submit(torch.get_num_threads).result()
+        pool = self.stack.enter_context(
             ThreadPoolExecutor(self.threads, "block-products", initializer=torch.set_num_threads, initargs=(share,))
         )
+        self.stack.callback(lambda: pool.submit(torch.set_num_threads, default).result())  # (before the shutdown)
+        return pool
 
 
 def cpu_threads() -> int:
@@ -648,7 +654,8 @@ def _estimate(
     result.total_hvps = sum(result.num_hvps.values()) + products.extra_hvps()
     result.hvp_method = products.method
     result.rows_batched = getattr(products, "batched", None)
-    result.threads = products.threads if getattr(products, "concurrent", False) else 1
+    threaded = getattr(products, "concurrent", False) and products.shared_graph  # (no threads for per-block operators)
+    result.threads = products.threads if threaded else 1
     return result
 
 

@@ -38,6 +38,7 @@ import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ._autograd import grads_or_zeros
 from ._params import ParamsArg
 from ._random import make_generator
 from ._sharded import is_sharded
@@ -373,13 +374,13 @@ class CurvatureOperator(LossOperator):
 
     def _transpose_products(self, leaves: list[Tensor], out: Tensor, mu: Tensor) -> Tensor:
         """``Jᵀ u`` for each row of ``mu`` (``[k, *out.shape]``), on the kept output graph."""
-        kw = {"retain_graph": True, "allow_unused": True, "materialize_grads": True}
         if self._batched_vjp and mu.shape[0] > 1:
             try:
-                return self.spec.flatten(torch.autograd.grad(out, leaves, mu, is_grads_batched=True, **kw)).detach()
+                rows = grads_or_zeros(out, leaves, mu, is_grads_batched=True, retain_graph=True)
+                return self.spec.flatten(rows).detach()
             except (RuntimeError, NotImplementedError):
                 self._batched_vjp = False
-        rows = [self.spec.flatten(torch.autograd.grad(out, leaves, u, **kw)).detach() for u in mu]
+        rows = [self.spec.flatten(grads_or_zeros(out, leaves, u, retain_graph=True)).detach() for u in mu]
         return torch.stack(rows)
 
 

@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from ._autograd import grads_or_zeros
 from ._batches import apply_to_tensors, batch_size, clone_if_inference, scalar_loss, split_batch
 from ._operator import EnteredOperator
 from ._params import ParamsArg, ParamSpec, compute_dtype
@@ -311,6 +312,7 @@ class LossOperator(EnteredOperator):
         self._validate = validate
         self._graphs: dict[tuple[int, int], _GradientGraph] = {}
         self._building = threading.RLock()  # one thread at a time substitutes the parameters to build a graph
+        self._restricted_failed = False  # restricted_hvp warned of an unexpected failure
         self.size = self.spec.numel
         self.device = self.spec.device
         self._loss_fn = loss_fn
@@ -634,7 +636,7 @@ class LossOperator(EnteredOperator):
                 loss = self._batch_loss(point, b)
                 self._check_graph(loss)
                 weighted = loss if w == 1.0 else w * loss  # (1.0 * x is x: a single batch skips the op)
-                grads = torch.autograd.grad(weighted, point, allow_unused=True, materialize_grads=True)
+                grads = grads_or_zeros(weighted, point)
                 flat, value = self.spec.flatten(grads), weighted.detach()
                 grad_sum = flat if grad_sum is None else grad_sum + flat
                 loss_sum = value if loss_sum is None else loss_sum + value
@@ -698,11 +700,9 @@ class LossOperator(EnteredOperator):
             return None
         point, flat = graph.point, graph.flat
         try:
-            hv = torch.autograd.grad(flat, point, vectors[0], retain_graph=True, allow_unused=True)
+            hv = grads_or_zeros(flat, point, vectors[0], retain_graph=True)  # (zero rows: parameters not reached)
         except Exception:
             return None
-        if any(h is None for h in hv):  # a parameter the gradient does not depend on: its row of H is zero
-            hv = [torch.zeros_like(p) if h is None else h for h, p in zip(hv, point, strict=True)]
         return self.spec.flatten(hv).unsqueeze(0)
 
     def restricted_hvp(self, vectors: Tensor, params: Sequence[int]) -> Tensor | None:
@@ -715,10 +715,10 @@ class LossOperator(EnteredOperator):
         one graph serves every block, where operators restricted to each block would each build and keep their
         own. ``None`` until the product method is chosen and checked (call :meth:`hvp` once), and unless it is
         double backward with its graphs kept in one process (a ``reduce_fn`` would need the rows reduced),
-        or when autograd fails here (out of memory: the kept graphs are then given back and no more are kept): then
-        ask an operator restricted to those parameters. Several threads may call it at once (different blocks' products
-        on a CPU run side by side that way): the products only read the kept graphs, and a graph that must be built
-        first is built once, by one thread, while the others wait.
+        or when autograd fails here (out of memory: the kept graphs are then given back and no more are kept; any
+        other error: a warning, once): then ask an operator restricted to those parameters. Several threads may
+        call it at once (different blocks' products on a CPU run side by side that way): the products only read
+        the kept graphs, and a graph that must be built first is built once, by one thread, while the others wait.
 
         Example:
             >>> model = torch.nn.Linear(2, 1)
@@ -754,6 +754,14 @@ class LossOperator(EnteredOperator):
                 self.cache_graph = False
                 if self.spec.device.type == "cuda":
                     torch.cuda.empty_cache()
+            elif not self._restricted_failed:  # not expected: say so once (the caller's fallback hides it otherwise)
+                self._restricted_failed = True
+                warnings.warn(
+                    f"a restricted Hessian-vector product failed ({type(err).__name__}: {err}); it is left to an "
+                    "operator over those parameters alone (e.g. block_curvature's per-block operators, slower).",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
             return None
 
     def _restricted_part(self, graph: _GradientGraph, params: Sequence[int], seeds: list[Tensor]) -> Tensor:
@@ -763,20 +771,11 @@ class LossOperator(EnteredOperator):
         if not live:  # these parameters' gradients do not depend on the parameters: their block of H is zero
             return torch.zeros(k, sum(s[0].numel() for s in seeds), dtype=self.dtype, device=self.spec.device)
         outputs, inputs = [graph.grads[j] for j, _ in live], [graph.point[j] for j in params]
-        if k > 1:
-            hv = torch.autograd.grad(
-                outputs,
-                inputs,
-                [s for _, s in live],
-                is_grads_batched=True,
-                retain_graph=True,
-                allow_unused=True,
-                materialize_grads=True,
-            )
+        if k > 1:  # (a parameter these gradients do not reach: zero rows, [k, ...] like the others)
+            hv = grads_or_zeros(outputs, inputs, [s for _, s in live], is_grads_batched=True, retain_graph=True)
             return torch.cat([h.reshape(k, -1) for h in hv], dim=1)
-        hv = torch.autograd.grad(outputs, inputs, [s[0] for _, s in live], retain_graph=True, allow_unused=True)
-        flat = [p.new_zeros(p.numel()) if h is None else h.reshape(-1) for h, p in zip(hv, inputs, strict=True)]
-        return torch.cat(flat).unsqueeze(0)
+        hv = grads_or_zeros(outputs, inputs, [s[0] for _, s in live], retain_graph=True)
+        return torch.cat([h.reshape(-1) for h in hv]).unsqueeze(0)
 
     def _products(self, vectors: Tensor) -> Tensor:
         """The products, choosing (and checking) the method first if not done yet; raises :class:`_OutOfMemory`."""
@@ -1056,7 +1055,7 @@ class LossOperator(EnteredOperator):
                 f"double backward would silently drop the second derivative through {', '.join(once)} "
                 "(marked @once_differentiable); use hvp_method='finite_difference' (or 'auto', which falls back to it)."
             )
-        grads = torch.autograd.grad(loss, point, create_graph=True, allow_unused=True, materialize_grads=True)
+        grads = grads_or_zeros(loss, point, create_graph=True)  # (a parameter the loss does not read: zero, no graph)
         live = [i for i, g in enumerate(grads) if g.requires_grad]
         # one flat output: each product back-propagates one vector, not one piece per parameter
         flat = torch.cat([grads[i].reshape(-1) for i in live]) if live else None
@@ -1078,16 +1077,12 @@ class LossOperator(EnteredOperator):
             return torch.zeros_like(vectors)
         seeds = vectors if columns is None else vectors[:, columns]
         if batched:
-            hv = torch.autograd.grad(
-                flat, point, seeds, is_grads_batched=True, retain_graph=keep, allow_unused=True, materialize_grads=True
-            )
+            hv = grads_or_zeros(flat, point, seeds, is_grads_batched=True, retain_graph=keep)
             return self.spec.flatten(hv).detach()
         rows = []
         for j in range(vectors.shape[0]):
             retain = keep or j + 1 < vectors.shape[0]
-            hv = torch.autograd.grad(flat, point, seeds[j], retain_graph=retain, allow_unused=True)
-            if any(h is None for h in hv):  # a parameter the gradient does not depend on: its row of H is zero
-                hv = [torch.zeros_like(p) if h is None else h for h, p in zip(hv, point, strict=True)]
+            hv = grads_or_zeros(flat, point, seeds[j], retain_graph=retain)  # (zero rows: parameters not reached)
             rows.append(self.spec.flatten(hv))  # (no graph: create_graph is off)
         return rows[0].unsqueeze(0) if len(rows) == 1 else torch.stack(rows)
 
@@ -1127,7 +1122,7 @@ class LossOperator(EnteredOperator):
         point = [torch.add(b, d, alpha=h).requires_grad_(True) for b, d in zip(base, self.spec.split(v), strict=False)]
         loss = self._batch_loss(point, batch)
         self._check_graph(loss)
-        return self.spec.flatten(torch.autograd.grad(loss, point, allow_unused=True, materialize_grads=True))
+        return self.spec.flatten(grads_or_zeros(loss, point))
 
     def _hvp_finite_difference(
         self, vectors: Tensor, batch: Any, batched: bool = False, key: Any = None, fd_step: float | None = None

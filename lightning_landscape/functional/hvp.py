@@ -700,9 +700,11 @@ class LossOperator(EnteredOperator):
             return None
         point, flat = graph.point, graph.flat
         try:
-            hv = grads_or_zeros(flat, point, vectors[0], retain_graph=True)  # (zero rows: parameters not reached)
+            hv = torch.autograd.grad(flat, point, vectors[0], retain_graph=True, allow_unused=True)
         except Exception:
             return None
+        if any(h is None for h in hv):  # a parameter the gradient does not depend on: its row of H is zero
+            hv = [torch.zeros_like(p) if h is None else h for h, p in zip(hv, point, strict=True)]
         return self.spec.flatten(hv).unsqueeze(0)
 
     def restricted_hvp(self, vectors: Tensor, params: Sequence[int]) -> Tensor | None:
@@ -1082,7 +1084,9 @@ class LossOperator(EnteredOperator):
         rows = []
         for j in range(vectors.shape[0]):
             retain = keep or j + 1 < vectors.shape[0]
-            hv = grads_or_zeros(flat, point, seeds[j], retain_graph=retain)  # (zero rows: parameters not reached)
+            hv = torch.autograd.grad(flat, point, seeds[j], retain_graph=retain, allow_unused=True)
+            if any(h is None for h in hv):  # a parameter the gradient does not depend on: its row of H is zero
+                hv = [torch.zeros_like(p) if h is None else h for h, p in zip(hv, point, strict=True)]
             rows.append(self.spec.flatten(hv))  # (no graph: create_graph is off)
         return rows[0].unsqueeze(0) if len(rows) == 1 else torch.stack(rows)
 

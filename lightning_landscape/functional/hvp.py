@@ -24,6 +24,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
+from torch.utils.checkpoint import CheckpointError
 
 from ._autograd import grads_or_zeros
 from ._batches import apply_to_tensors, batch_size, clone_if_inference, scalar_loss, split_batch
@@ -80,6 +81,11 @@ class _OutOfMemory(RuntimeError):
     Carries the allocator's message, so that a final failure still says what ran out and where."""
 
 
+def _is_buffer(source: Any) -> bool:
+    """Whether a substitution slot's source (see ``LossOperator._substitution_slots``) is a buffer's."""
+    return isinstance(source, tuple) and source[0] == "buffer"
+
+
 def is_out_of_memory(err: BaseException) -> bool:
     return isinstance(err, torch.OutOfMemoryError) or "out of memory" in str(err).lower()
 
@@ -127,7 +133,11 @@ def leaked_parameters(output: Tensor, model: nn.Module) -> list[str]:
         >>> leaked_parameters(functional_call(net, substituted, (torch.ones(2),)).sum(), net)
         ['bias']
     """
-    names = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
+    return _named_leaves(output, {id(p): n for n, p in model.named_parameters(remove_duplicate=False)})
+
+
+def _named_leaves(output: Tensor, names: dict[int, str]) -> list[str]:
+    """The names (``names``: by tensor id) of the tensors that are leaves of ``output``'s graph."""
     found: list[str] = []
     for node in _graph_nodes(output):
         variable = getattr(node, "variable", None)  # AccumulateGrad nodes hold their leaf
@@ -313,6 +323,8 @@ class LossOperator(EnteredOperator):
         self._graphs: dict[tuple[int, int], _GradientGraph] = {}
         self._building = threading.RLock()  # one thread at a time substitutes the parameters to build a graph
         self._restricted_failed = False  # restricted_hvp warned of an unexpected failure
+        self._backward_reads_module: bool | None = None  # None until the first backward pass was checked
+        self._own: dict[int, str] | None = None  # the module's parameters by id (see _own_parameters)
         self.size = self.spec.numel
         self.device = self.spec.device
         self._loss_fn = loss_fn
@@ -551,6 +563,69 @@ class LossOperator(EnteredOperator):
             for (table, key, _), original in reversed(list(zip(slots, saved, strict=False))):
                 table[key] = original
 
+    def _own_parameters(self) -> dict[int, str]:
+        """The module's own parameters (by tensor id: name), as found the first time (before any is out of reach)."""
+        if self._own is None:
+            self._own = {id(p): n for n, p in self.model.named_parameters(remove_duplicate=False)}
+        return self._own
+
+    def _checked_backward(self, compute: Callable[[], Any]) -> Any:
+        """``compute()`` (a forward and backward pass); the first time with the module's parameters out of its reach
+        between the forward's substitutions (meta tensors in their place), where nothing should read them.
+
+        Non-reentrant activation checkpointing (``checkpoint(..., use_reentrant=False)``) does: it recomputes its
+        segment in the backward pass from the module's own parameters, not from the tensors the measurement put in
+        their place, so second derivatives (and finite differences at a shifted point) would come out wrong without
+        an error (whole-model λ1 3e-2 off, a layer's inside the segment 17–60%, on a small MLP with LayerNorm).
+        Such a model is refused with :class:`MeasurementError` when that first pass fails with the parameters out of
+        reach and not with them in place (a recomputation that reads no parameter recomputes exact values)."""
+        if self._backward_reads_module is False or not self._substitutes_in_place():
+            return compute()
+        if self._backward_reads_module:
+            raise self._reads_module_error()
+        self._own_parameters()  # (the substitution check's names, while the parameters are in place)
+        try:
+            with self._parameters_out_of_reach():
+                out = compute()
+        except Exception as err:
+            if is_out_of_memory(err):
+                raise
+            try:
+                compute()  # raises its own error if the parameters' absence was not the reason
+            except CheckpointError as again:  # (the recomputation refused the stand-ins as well)
+                err = again
+            self._backward_reads_module = True
+            raise self._reads_module_error() from err
+        self._backward_reads_module = False
+        return out
+
+    @contextlib.contextmanager
+    def _parameters_out_of_reach(self) -> Iterator[None]:
+        """Meta tensors in the module's parameter entries: each forward still substitutes its own tensors for all
+        of them, so only what reads the module in between (a recomputation in the backward pass) finds them."""
+        slots = [(table, key) for table, key, source in self._substitution_slots() if not _is_buffer(source)]
+        originals = [table[key] for table, key in slots]
+        try:
+            for table, key in slots:
+                table[key] = torch.empty_like(table[key], device="meta")
+            yield
+        finally:
+            for (table, key), original in reversed(list(zip(slots, originals, strict=True))):
+                table[key] = original
+
+    def _substitutes_in_place(self) -> bool:
+        """Whether losses go through :meth:`_call_substituted`'s own substitution (not ``functional_call``)."""
+        return not (torch.jit.is_tracing() or isinstance(self.model, (torch.jit.ScriptModule, nn.DataParallel)))
+
+    @staticmethod
+    def _reads_module_error() -> MeasurementError:
+        return MeasurementError(
+            "the loss's backward pass runs part of the forward again from the module's own parameters, not from the "
+            "tensors the measurement puts in their place, so its derivatives would be wrong without an error. "
+            "Non-reentrant activation checkpointing (torch.utils.checkpoint.checkpoint(..., use_reentrant=False)) "
+            "does this: measure with checkpointing off (e.g. Hugging Face's model.gradient_checkpointing_disable())."
+        )
+
     def _batch_loss(self, selected: Sequence[Tensor], batch: Any) -> Tensor:
         return scalar_loss(self._call_substituted(selected, batch))
 
@@ -558,7 +633,7 @@ class LossOperator(EnteredOperator):
         """Refuse a loss that reads the module's parameters around ``functional_call`` (once per operator)."""
         if self._substitution_checked:
             return
-        leaked = leaked_parameters(loss, self.model)
+        leaked = _named_leaves(loss, self._own_parameters())
         self._substitution_checked = True
         if leaked:
             self._substitution_checked = False
@@ -629,6 +704,9 @@ class LossOperator(EnteredOperator):
         n = self.spec.numel
 
         def local() -> tuple[Tensor, Tensor]:
+            return self._checked_backward(summed)
+
+        def summed() -> tuple[Tensor, Tensor]:
             point = self._leaves(delta)
             loss_sum: Tensor | None = None
             grad_sum: Tensor | None = None
@@ -1045,7 +1123,9 @@ class LossOperator(EnteredOperator):
             return self._graphs[key]
         with self._building:  # (restricted_hvp may run in several threads; products on kept graphs need no lock)
             graph = self._graphs.get(key) if keep else None
-            return graph if graph is not None else self._build_gradient_graph(batch, key, keep)
+            if graph is not None:
+                return graph
+            return self._checked_backward(lambda: self._build_gradient_graph(batch, key, keep))
 
     def _build_gradient_graph(self, batch: Any, key: Any, keep: bool) -> _GradientGraph:
         point = [t.detach().requires_grad_(True) for t in self.base_tensors()]
@@ -1123,10 +1203,15 @@ class LossOperator(EnteredOperator):
 
     def _gradient_at(self, base: Sequence[Tensor], v: Tensor, h: float, batch: Any) -> Tensor:
         """The flat gradient of ``batch``'s loss at ``θ + h·v`` (``base`` the values of θ), no graph kept."""
-        point = [torch.add(b, d, alpha=h).requires_grad_(True) for b, d in zip(base, self.spec.split(v), strict=False)]
-        loss = self._batch_loss(point, batch)
-        self._check_graph(loss)
-        return self.spec.flatten(grads_or_zeros(loss, point))
+
+        def compute() -> Tensor:
+            shifted = zip(base, self.spec.split(v), strict=False)
+            point = [torch.add(b, d, alpha=h).requires_grad_(True) for b, d in shifted]
+            loss = self._batch_loss(point, batch)
+            self._check_graph(loss)
+            return self.spec.flatten(grads_or_zeros(loss, point))
+
+        return self._checked_backward(compute)
 
     def _hvp_finite_difference(
         self, vectors: Tensor, batch: Any, batched: bool = False, key: Any = None, fd_step: float | None = None

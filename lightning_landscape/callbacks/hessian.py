@@ -23,6 +23,7 @@ from lightning_landscape.functional import (
     trace_estimate,
 )
 from lightning_landscape.functional._sharded import is_sharded
+from lightning_landscape.functional.blocks import missing_parameters
 from lightning_landscape.functional.curvature import OutputFn, OutputLoss
 from lightning_landscape.functional.hvp import LossOperator
 from lightning_landscape.plotting import blocks_heatmap_figure, spectral_density_figure
@@ -343,8 +344,7 @@ class HessianCallback(MeasurementCallback):
         operator: Any,
         init: torch.Tensor | None,
     ) -> None:
-        held = set(getattr(getattr(operator, "spec", None), "names", ()))
-        if not isinstance(operator, LossOperator) or any(n not in held for names in blocks.values() for n in names):
+        if not isinstance(operator, LossOperator) or missing_parameters(operator, blocks):
             operator = init = None  # (a curvature operator, or the blocks reach beyond `params`): a fresh one
         result = block_curvature(
             pl_module,

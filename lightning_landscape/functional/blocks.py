@@ -55,6 +55,7 @@ __all__ = [
     "block_curvature",
     "block_estimates",
     "cpu_threads",
+    "missing_parameters",
     "split_blocks",
 ]
 
@@ -776,8 +777,7 @@ def _check_operator(
         raise ValueError("`operator` was built on another model: open it on `model`.")
     if not operator.is_open:
         raise ValueError("`operator` must be open: call block_curvature inside `with LossOperator(...) as operator:`.")
-    held = set(operator.spec.names)
-    missing = [n for names in split.values() for n in names if n not in held]
+    missing = missing_parameters(operator, split)
     if missing:
         raise ValueError(f"`operator` does not hold the blocks' parameters {missing[:3]}: open it over all of them.")
     if init is not None and (init.dim() not in (1, 2) or init.shape[-1] != operator.size):
@@ -785,6 +785,19 @@ def _check_operator(
         raise ValueError(
             f"`init` must have shape [{operator.size}] or [m, {operator.size}] ({whose}), got {tuple(init.shape)}."
         )
+
+
+def missing_parameters(operator: LossOperator, split: Mapping[str, list[str]]) -> list[str]:
+    """The blocks' parameter names ``operator`` does not hold (``[]``: it can serve ``block_curvature(operator=)``).
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 1))
+        >>> with LossOperator(net, lambda m, b: m(b).sum(), [torch.ones(1, 2)], params="0.*") as op:
+        ...     missing_parameters(op, split_blocks(net, "layer"))
+        ['1.weight', '1.bias']
+    """
+    held = set(operator.spec.names)
+    return [n for names in split.values() for n in names if n not in held]
 
 
 def _union(model: nn.Module, split: Mapping[str, list[str]]) -> list[str]:

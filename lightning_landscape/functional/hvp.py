@@ -133,7 +133,12 @@ def leaked_parameters(output: Tensor, model: nn.Module) -> list[str]:
         >>> leaked_parameters(functional_call(net, substituted, (torch.ones(2),)).sum(), net)
         ['bias']
     """
-    return _named_leaves(output, {id(p): n for n, p in model.named_parameters(remove_duplicate=False)})
+    return _named_leaves(output, _parameter_names(model))
+
+
+def _parameter_names(model: nn.Module) -> dict[int, str]:
+    """``model``'s parameters by tensor id: name (tied ones under each of their names, the last one kept)."""
+    return {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
 
 
 def _named_leaves(output: Tensor, names: dict[int, str]) -> list[str]:
@@ -540,7 +545,7 @@ class LossOperator(EnteredOperator):
         on every call (rebuilding the name maps each time cost a tenth of a gradient on a 2,410-parameter MLP);
         whether it substituted is checked once per operator like before (:meth:`_check_graph`). Unlike
         ``functional_call`` (torch 2.13), a submodule reached under two names gets its own parameters back."""
-        if torch.jit.is_tracing() or isinstance(self.model, (torch.jit.ScriptModule, nn.DataParallel)):
+        if not self._substitutes_in_place():
             wrapper = _LossModule(self.model, self._loss_fn)
             return functional_call(wrapper, self._param_dict(selected), (batch,))  # which refuses them
         slots = self._substitution_slots()
@@ -566,7 +571,7 @@ class LossOperator(EnteredOperator):
     def _own_parameters(self) -> dict[int, str]:
         """The module's own parameters (by tensor id: name), as found the first time (before any is out of reach)."""
         if self._own is None:
-            self._own = {id(p): n for n, p in self.model.named_parameters(remove_duplicate=False)}
+            self._own = _parameter_names(self.model)
         return self._own
 
     def _checked_backward(self, compute: Callable[[], Any]) -> Any:
@@ -778,11 +783,9 @@ class LossOperator(EnteredOperator):
             return None
         point, flat = graph.point, graph.flat
         try:
-            hv = torch.autograd.grad(flat, point, vectors[0], retain_graph=True, allow_unused=True)
+            hv = grads_or_zeros(flat, point, vectors[0], retain_graph=True)  # (zero rows: parameters not reached)
         except Exception:
             return None
-        if any(h is None for h in hv):  # a parameter the gradient does not depend on: its row of H is zero
-            hv = [torch.zeros_like(p) if h is None else h for h, p in zip(hv, point, strict=True)]
         return self.spec.flatten(hv).unsqueeze(0)
 
     def restricted_hvp(self, vectors: Tensor, params: Sequence[int]) -> Tensor | None:
@@ -1164,9 +1167,7 @@ class LossOperator(EnteredOperator):
         rows = []
         for j in range(vectors.shape[0]):
             retain = keep or j + 1 < vectors.shape[0]
-            hv = torch.autograd.grad(flat, point, seeds[j], retain_graph=retain, allow_unused=True)
-            if any(h is None for h in hv):  # a parameter the gradient does not depend on: its row of H is zero
-                hv = [torch.zeros_like(p) if h is None else h for h, p in zip(hv, point, strict=True)]
+            hv = grads_or_zeros(flat, point, seeds[j], retain_graph=retain)  # (zero rows: parameters not reached)
             rows.append(self.spec.flatten(hv))  # (no graph: create_graph is off)
         return rows[0].unsqueeze(0) if len(rows) == 1 else torch.stack(rows)
 

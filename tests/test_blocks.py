@@ -241,38 +241,48 @@ def test_per_block_products_share_one_gradient_graph(monkeypatch):
     assert r.total_hvps == sum(r.num_hvps.values()) + 1
 
 
-@pytest.mark.parametrize("faster", [True, False])
-def test_restricted_products_run_side_by_side_on_threads_where_measured_faster(monkeypatch, faster):
-    """Each product sleeps (which frees the GIL, as autograd's work does): side by side on two threads the second
-    step takes half the wall time of the first, timed one block after another, and the threads stay; when the
-    threads only queue behind one lock (and sleep longer), one after another comes back."""
-    model, batches = cnn()
-    h = exact_hessian(model, batches)
-    alone = block_curvature(model, loss_fn, batches, "layer", tol=1e-8, trace=False, products="per_block")
-    assert alone.threads == 1 or blocks_module.cpu_threads() > 1
-    monkeypatch.setattr(blocks_module, "cpu_threads", lambda: 2)
-    original, queue, seen = blocks_module._Restricted._restricted, threading.Lock(), []
+def _record_products(monkeypatch, delay) -> list[tuple[str, str, bool]]:
+    """Every restricted product as ``(phase, block, ran on the main thread)``, in the order they ended, each after
+    sleeping ``delay(block, on_main)`` seconds (a sleep frees the GIL, as autograd's work does)."""
+    original, original_traces, seen, phase = blocks_module._Restricted._restricted, blocks_module._traces, [], ["eig"]
 
     def slow(self, item):
         on_main = threading.current_thread() is threading.main_thread()
-        seen.append(on_main)
+        delay(item[0].name, on_main)
+        out = original(self, item)
+        seen.append((phase[0], item[0].name, on_main))
+        return out
+
+    def traces(*args):
+        phase[0] = "trace"
+        return original_traces(*args)
+
+    monkeypatch.setattr(blocks_module._Restricted, "_restricted", slow)
+    monkeypatch.setattr(blocks_module, "_traces", traces)
+    return seen
+
+
+@pytest.mark.parametrize("faster", [True, False])
+def test_the_blocks_run_side_by_side_on_threads_where_measured_faster(monkeypatch, faster):
+    """The first block's first product runs alone, timed; then the blocks go to two threads. Faster (every product
+    sleeps as long): they stay there until a thread runs out of blocks, and the traces' rounds go there too. Slower
+    (the threads queue behind one lock and sleep three times as long): after the first block's next two products on
+    the threads, everything comes back to this thread. The same numbers either way."""
+    model, batches = cnn()
+    h = exact_hessian(model, batches)
+    alone = block_curvature(model, loss_fn, batches, "layer", tol=1e-8, trace_samples=84, products="per_block")
+    assert alone.threads == 1 or blocks_module.cpu_threads() > 1
+    monkeypatch.setattr(blocks_module, "cpu_threads", lambda: 2)
+    queue = threading.Lock()
+
+    def delay(block: str, on_main: bool) -> None:
         if faster:
             time.sleep(0.02)
         else:
             with queue:
-                time.sleep(0.02 if on_main else 0.04)
-        return original(self, item)
+                time.sleep(0.02 if on_main else 0.06)
 
-    steps, whole_step = [], blocks_module._Restricted._from_shared_graph
-
-    def step(self, work):
-        at = len(seen)
-        out = whole_step(self, work)
-        steps.append(seen[at:])  # where each product of the step ran: on the main thread or not
-        return out
-
-    monkeypatch.setattr(blocks_module._Restricted, "_restricted", slow)
-    monkeypatch.setattr(blocks_module._Restricted, "_from_shared_graph", step)
+    seen = _record_products(monkeypatch, delay)
     before = torch.get_num_threads()
     torch.set_num_threads(2)  # each of the two threads runs its operations on one: the default is put back after
     try:
@@ -282,15 +292,67 @@ def test_restricted_products_run_side_by_side_on_threads_where_measured_faster(m
     finally:
         torch.set_num_threads(before)
     assert r.threads == (2 if faster else 1)
-    blocks = len(r.blocks)
-    assert steps[0] == [True] * blocks and steps[1] == [False] * blocks  # measured: alone, then side by side
-    later = [s for s in steps[2:] if len(s) > 1]  # (a step of one block runs alone)
-    assert later and all(s == [not faster] * len(s) for s in later)  # then the faster way only
+    eig = [(block, on_main) for phase, block, on_main in seen if phase == "eig"]
+    first = next(iter(r.blocks))
+    assert eig[0] == (first, True)  # the trial: alone
+    on_main = [m for _, m in eig[1:]]
+    back = on_main.index(True) if True in on_main else len(on_main)
+    assert not any(on_main[:back]) and all(on_main[back:])  # threads, then (hand-back or switch) this thread only
+    first_on_threads = [m for b, m in eig[1:] if b == first][:2]
+    if faster:
+        assert back >= len(r.blocks) and not any(first_on_threads)
+        assert not all(m for phase, _, m in seen if phase == "trace")  # (its second round on the threads)
+    else:
+        assert sum(not m for b, m in eig[1:] if b == first) <= 2  # two looks at most
+        assert all(m for phase, _, m in seen if phase == "trace")
     for name, names in r.blocks.items():  # the same numbers either way
         idx = columns(model, names)
         assert r.eigenvalues[name] == pytest.approx(alone.eigenvalues[name], rel=1e-12, abs=1e-12)
         assert r.eigenvalues[name] == pytest.approx(float(torch.linalg.eigvalsh(h[idx][:, idx])[-1]), rel=EIG_RTOL)
         assert r.traces[name] == pytest.approx(float(h[idx][:, idx].trace()), rel=1e-9)
+
+
+def test_a_block_left_alone_on_the_threads_comes_back_to_the_caller(monkeypatch):
+    """Two blocks, the first one slow: once the other thread finished the quick block and has none to take, the slow
+    block's run comes back to this thread after its current step (and goes on with all of torch's threads there)."""
+    model, batches = cnn()
+    h = exact_hessian(model, batches)
+    monkeypatch.setattr(blocks_module, "cpu_threads", lambda: 2)
+    blocks = {"slow": "0.*", "quick": "6.*"}
+    seen = _record_products(monkeypatch, lambda block, on_main: time.sleep(0.03 if block == "slow" else 0.001))
+    r = block_curvature(model, loss_fn, batches, blocks, tol=1e-8, trace=False, products="per_block")
+    slow = [m for _, b, m in seen if b == "slow"]
+    assert r.num_hvps["slow"] >= 4 and slow[0] and not slow[1] and all(slow[2:])  # alone, one on a thread, back
+    assert r.threads == 2 and not any(m for _, b, m in seen if b == "quick")
+    for name, names in r.blocks.items():
+        idx = columns(model, names)
+        assert r.eigenvalues[name] == pytest.approx(float(torch.linalg.eigvalsh(h[idx][:, idx])[-1]), rel=EIG_RTOL)
+
+
+def test_the_threads_are_kept_from_call_to_call_and_made_anew_in_a_forked_child(monkeypatch):
+    """A thread's first autograd products are slower: the process keeps its threads (the same ones serve the next
+    call); another number of threads, or another process (a fork: threads do not survive it), get new ones."""
+    model, batches = cnn()
+    monkeypatch.setattr(blocks_module, "cpu_threads", lambda: 2)
+    monkeypatch.setattr(blocks_module, "MIN_THREADED_STEP", 0.0)
+    names: list[set[int]] = []
+    for _ in range(2):
+        seen: set[int] = set()
+        original = blocks_module._Restricted._restricted
+        monkeypatch.setattr(
+            blocks_module._Restricted,
+            "_restricted",
+            lambda self, item, o=original, s=seen: (s.add(threading.get_ident()), o(self, item))[1],
+        )
+        block_curvature(model, loss_fn, batches, "layer", tol=1e-8, trace=False, products="per_block")
+        monkeypatch.setattr(blocks_module._Restricted, "_restricted", original)
+        names.append(seen - {threading.main_thread().ident})
+    assert names[0] and names[1] <= names[0]  # the second call's threads are the first call's
+    pool = blocks_module._worker_pool(2)
+    assert blocks_module._worker_pool(2) is pool and blocks_module._worker_pool(3) is not pool
+    three = blocks_module._worker_pool(3)
+    monkeypatch.setattr(blocks_module.os, "getpid", lambda: -1)  # as in a forked child
+    assert blocks_module._worker_pool(3) is not three
 
 
 def test_threads_put_back_torch_default_not_the_callers_own_setting(monkeypatch):

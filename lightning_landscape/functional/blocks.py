@@ -3,7 +3,8 @@
 A block is a set of parameters (a layer, a top-level module, one tensor, or a user's choice); its Hessian block
 ``H_jj`` is the curvature of the loss in those parameters with the others fixed. One Lanczos run per block (full
 reorthogonalization within the block) advances in lockstep with the others, one product per running block per
-step; blocks that converged drop out, and the few numbers each step decides on reach the host in one transfer.
+step; blocks that converged drop out, and the few numbers each step decides on reach the host in one transfer (on
+CPU threads, each run goes at its own pace instead; see ``"per_block"`` below).
 Traces are exact (unit vectors) for blocks no larger than the sample budget, Hutch++ for the others, all blocks'
 probes in two rounds. The products come from one of two places (``products=``):
 
@@ -13,10 +14,10 @@ probes in two rounds. The products come from one of two places (``products=``):
 - ``"per_block"``: each block's product restricted to its parameters, so autograd differentiates only what the
   block needs (a product for the last layer of the digits ResNet costs under 1% of a whole-model one on a CPU),
   back-propagated from the one gradient graph of an operator over all the blocks
-  (:meth:`~lightning_landscape.functional.LossOperator.restricted_hvp`); on a CPU a step's products run side by
-  side on several threads where measured faster (:func:`cpu_threads`). Where that operator cannot (a method other
-  than double backward, several processes), from one operator per block, which reuses the first operator's
-  choice of method and keeps a gradient graph of its own.
+  (:meth:`~lightning_landscape.functional.LossOperator.restricted_hvp`); on a CPU the blocks' runs go on side by
+  side on several threads where measured faster (:func:`cpu_threads`), each at its own pace. Where that operator
+  cannot (a method other than double backward, several processes), from one operator per block, which reuses the
+  first operator's choice of method and keeps a gradient graph of its own.
 
 Each block's Lanczos run starts from its part of ``H z`` (``z`` Gaussian over all the blocks: one whole product for
 all of them, which also chooses and checks the product method), plus :data:`START_NOISE` times a random unit
@@ -32,6 +33,7 @@ import functools
 import itertools
 import math
 import os
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -72,10 +74,13 @@ PRODUCT_SOURCES = ("auto", "shared", "per_block")
 # a Lanczos residual below DEFLATION_TOL · eps · ‖T‖ is an invariant subspace (as in _lanczos.block_lanczos)
 DEFLATION_TOL = 100.0
 #: Seconds a step of the blocks' restricted products must take, one after another, for :func:`block_curvature` to try
-#: them side by side on threads: starting, feeding and stopping two threads costs ~0.5 ms (measured on this 2-core
-#: CPU), which a step of the 610-parameter digits MLP's four blocks (~1 ms) does not win back (1.76x one whole-model
-#: top-1 one after another, 2.08x with the threads tried).
-MIN_THREADED_STEP = 0.005
+#: them side by side on threads (for the eigenvalues estimated as the first product alone times the blocks still
+#: running; for the traces, the first round's products timed). Below it the threads' fixed costs (Python's lock on its
+#: interpreter at every step, the hand-over at the end) eat the gain: measured on this 2-core CPU, one thread's wall
+#: time over the threads', with every step tried on them: the digits MLP's 4 blocks (~3 ms) 1.45x–1.63x slower, the
+#: digits CNN's (8–15 ms) 1.03x–1.08x slower and 39 ms at width 32 even, the digits ResNets' (44–260 ms) 1.15x–1.30x
+#: faster.
+MIN_THREADED_STEP = 0.02
 #: The weight of a block's own random unit vector in its start (next to its unit part of ``H z``): every direction of
 #: the block is in the start, even one ``H z`` barely touches. Digits ResNet, 15 blocks, products over three seeds:
 #: 83 with 0, 80–85 with 0.1, 84–88 with 0.3, 83–88 with 1.0; Gaussian starts alone 89–96.
@@ -164,10 +169,9 @@ class BlockResult:
         hvp_method: the product method that ran.
         rows_batched: with ``products="shared"``, whether the blocks' rows went through one batched product (``True``)
             or row by row (``False``), as measured faster; ``None`` when not decided (or ``products="per_block"``).
-        threads: with ``products="per_block"`` on a CPU, the threads the blocks' restricted products ran on side by
-            side (1: one after another, where that measured faster, a step was too quick to try threads, only one
-            thread may run, or the products fell back to one operator per block; see :func:`cpu_threads` and
-            :data:`MIN_THREADED_STEP`).
+        threads: with ``products="per_block"`` on a CPU, the threads the blocks ran on side by side (1: one after
+            another, where that measured faster, a step was too quick to try threads, only one thread may run, or the
+            products fell back to one operator per block; see :func:`cpu_threads` and :data:`MIN_THREADED_STEP`).
     """
 
     blocks: dict[str, list[str]]
@@ -251,6 +255,17 @@ class _Products:
         """``H_jj V`` for each ``(block j, V [r, size_j])``: the source's own way."""
         raise NotImplementedError
 
+    def run_chains(self, chains: Sequence[_Chain]) -> None:
+        """Advance the blocks' Lanczos runs until each is done: in lockstep, one product call for the still-running
+        blocks per step, and the few numbers each step decides on reach the host in one transfer."""
+        active = [c for c in chains if not c.done]
+        while active:
+            hq = self.block_products([(c.block, c.q.unsqueeze(0)) for c in active])
+            steps = torch.stack([c.absorb(h[0]) for c, h in zip(active, hq, strict=True)]).tolist()
+            for c, (alpha, beta) in zip(active, steps, strict=True):
+                c.decide(alpha, beta)
+            active = [c for c in active if not c.done]
+
     def _clock(self) -> float:
         """Seconds, for the measured choices (after the device's queued work)."""
         if self.device.type == "cuda":
@@ -317,13 +332,20 @@ class _Restricted(_Products):
     from one operator per block (entered on ``stack``), made at the block's first product with the whole operator's
     choice of method, unchecked (the whole operator checked it).
 
-    On a CPU the blocks' restricted products of a step are independent backward passes through the one kept graph,
-    so they can run at the same time on several threads (autograd releases the GIL; at most
+    On a CPU the blocks' restricted products are independent backward passes through the one kept graph, so the
+    blocks' Lanczos runs can go on at the same time on several threads (autograd releases the GIL; at most
     :func:`torch.get_num_interop_threads`, PyTorch's setting for work run side by side, and at most the CPUs this
-    process may use). Whether that is faster is measured once, on products needed anyway: the first step of
-    several blocks runs one block after another, each product timed; if it took at least :data:`MIN_THREADED_STEP`,
-    the second runs on the threads, and they serve every later step if its wall time was below the sum of the same
-    blocks' first times."""
+    process may use; the threads are the process's own, kept from call to call: :func:`_worker_pool`). Each thread
+    takes the next block (the costly early layers first) and runs it step by step, with no wait for the others;
+    when no block is left to take and a thread goes idle, the others give their blocks back after their current
+    step and this thread finishes them with all of torch's threads. Whether the threads are faster is measured once,
+    on products needed anyway: the first block's first product runs alone, timed; if that time times the blocks
+    still running is at least :data:`MIN_THREADED_STEP`, the blocks go to the threads, which stay if that block's
+    next product, timed on its thread, took less than ``width`` times its time alone (``width`` threads at work:
+    more products a second than one thread gets through; a slower one is timed once more before the threads stop).
+    The traces' two rounds of products are measured the same way as the eigenvalues' steps used to be: the first
+    round one block after another, each timed; the second on the threads, which stay if its wall time was below the
+    sum of the same blocks' first times (unless the eigenvalues already decided)."""
 
     def __init__(
         self,
@@ -346,6 +368,7 @@ class _Restricted(_Products):
         self.concurrent: bool | None = None if self.threads > 1 else False  # None: not measured yet
         self._seconds: dict[str, float] = {}  # each block's first product, run alone
         self._pool: ThreadPoolExecutor | None = None
+        self._share = 1  # torch threads for each of the pool's threads
 
     def extra_hvps(self) -> int:
         """Products spent besides the blocks' own (the start's, choosing), the per-block operators' included."""
@@ -363,14 +386,84 @@ class _Restricted(_Products):
 
     def block_products(self, work: Sequence[tuple[_Block, Tensor]]) -> list[Tensor]:
         """``H_jj V`` for each ``(block j, V [r, size_j])``."""
-        if self.operator.method == "auto":  # not chosen yet (no start product: traces only): choose and check it
-            self.whole(gaussian((self.size,), make_generator(None), self.dtype, self.device))
+        self._choose_method()
         out = self._from_shared_graph(work) if self.shared_graph else [None] * len(work)
         for i, (block, v) in enumerate(work):
             if out[i] is None:
                 self.shared_graph = False
                 out[i] = self._operator(block.name).matmat(v)
         return out
+
+    def _choose_method(self) -> None:
+        """Choose and check the product method if no product did yet (no start product: traces only, or ``init``)."""
+        if self.operator.method == "auto":
+            self.whole(gaussian((self.size,), make_generator(None), self.dtype, self.device))
+
+    def run_chains(self, chains: Sequence[_Chain]) -> None:
+        """Advance the blocks' Lanczos runs until each is done: on several threads, each taking the next block and
+        running it to its end, where measured faster (see the class docstring); else as :class:`_Products` does."""
+        active = [c for c in chains if not c.done]
+        if self.concurrent is None and self.shared_graph and len(active) > 1:
+            self._choose_method()
+            for c in active:  # one step alone, timed: the first block that goes on after it is the trial block
+                start = self._clock()
+                c.advance(self.block_products([(c.block, c.q.unsqueeze(0))])[0][0])
+                if not self.shared_graph or not c.done:
+                    break
+            alone, rest = self._clock() - start, [c for c in active if not c.done]
+            if self.shared_graph and alone * len(rest) < MIN_THREADED_STEP:
+                self.concurrent = False  # a step of these products is too quick to win back the threads' cost
+            if self.concurrent is None and self.shared_graph and len(rest) > 1 and not c.done:
+                self._side_by_side(rest, c, alone)
+        super().run_chains(chains)  # what the threads left: after a switch back, or through per-block operators
+
+    def _side_by_side(self, chains: list[_Chain], trial: _Chain, alone: float) -> None:
+        """Run ``chains`` on the threads while every thread has one: each thread takes the next chain (in the blocks'
+        order: the costly early layers first) and runs it step by step; once no chain is left to take and a thread
+        goes idle, the others stop after their current step and leave their chains to the caller's thread (a long
+        chain then goes on with all of torch's threads, not one thread's share). ``trial``'s next step, timed on
+        its thread, decides whether the threads stay: they do if it took less than
+        ``width`` times its step alone (``alone`` seconds), ``width`` being the threads that run at once, so that
+        the threads get through more steps per second than one thread after another; a step above that is timed
+        once more before the threads stop (one slow step is often a hiccup of the machine)."""
+        width = min(self.threads, len(chains))
+        pending, lock = list(reversed(chains)), threading.Lock()
+        busy, looks = 0, 0
+
+        def go_on(c: _Chain) -> bool:
+            with lock:
+                full = bool(pending) or busy == width  # every thread still has a chain
+            return not c.done and full and self.concurrent is not False and self.shared_graph
+
+        def run() -> None:
+            nonlocal busy, looks
+            while True:
+                with lock:
+                    if not pending:
+                        return
+                    c = pending.pop()
+                    busy += 1
+                try:
+                    while go_on(c):
+                        start = self._clock()
+                        hq = self._restricted((c.block, c.q.unsqueeze(0)))
+                        if hq is None:  # from now on through per-block operators, on the caller's thread
+                            self.shared_graph = False
+                            return
+                        c.advance(hq[0])
+                        if c is trial and self.concurrent is None:
+                            looks += 1
+                            if self._clock() - start < width * alone:
+                                self.concurrent = True
+                            elif looks == 2 or c.done:
+                                self.concurrent = False
+                    if not c.done:
+                        return
+                finally:
+                    with lock:
+                        busy -= 1
+
+        self._on_threads([run] * width)
 
     def _restricted(self, item: tuple[_Block, Tensor]) -> Tensor | None:
         block, v = item
@@ -390,30 +483,51 @@ class _Restricted(_Products):
             if sum(self._seconds.values()) < MIN_THREADED_STEP:
                 self.concurrent = False
             return out
-        if self._pool is None:
-            self._pool = self._start_pool()
         start = self._clock()
-        out = list(self._pool.map(self._restricted, work))  # in the blocks' order: the costly early layers first
+        out = self._on_threads([functools.partial(self._restricted, item) for item in work])  # (costly ones first)
         if self.concurrent is None:
             alone = [self._seconds.get(block.name) for block, _ in work]
             if None not in alone:
                 self.concurrent = self._clock() - start < sum(alone)
         return out
 
-    def _start_pool(self) -> ThreadPoolExecutor:
-        """The threads, each running its operations on its share of torch's threads (at least one: several threads
-        each spreading every operation over all the cores would fight over them). Setting a thread's share also
-        sets torch's default for threads started later: when the blocks are done, one of the pool's threads puts
-        back the default it had (read in a fresh thread, which starts from it), so that no other thread's own
-        setting changes."""
-        share = max(1, torch.get_num_threads() // self.threads)
-        with ThreadPoolExecutor(1) as fresh:
-            default = fresh.submit(torch.get_num_threads).result()
-        pool = self.stack.enter_context(
-            ThreadPoolExecutor(self.threads, "block-products", initializer=torch.set_num_threads, initargs=(share,))
-        )
-        self.stack.callback(lambda: pool.submit(torch.set_num_threads, default).result())  # (before the shutdown)
-        return pool
+    def _on_threads(self, jobs: Sequence[Callable[[], Any]]) -> list[Any]:
+        """Run ``jobs`` on the process's threads (:func:`_worker_pool`), each on its share of torch's threads (at least
+        one: several threads each spreading every operation over all the cores would fight over them); their results
+        in order. Setting a thread's share also sets torch's default for threads started later: when the blocks are
+        done, one of the threads puts back the default it had (read in a fresh thread, which starts from it), so
+        that no other thread's own setting changes."""
+        if self._pool is None:
+            self._share = max(1, torch.get_num_threads() // self.threads)
+            with ThreadPoolExecutor(1) as fresh:
+                default = fresh.submit(torch.get_num_threads).result()
+            pool = self._pool = _worker_pool(self.threads)
+            self.stack.callback(lambda: pool.submit(torch.set_num_threads, default).result())
+
+        def on_share(job: Callable[[], Any]) -> Any:
+            if torch.get_num_threads() != self._share:
+                torch.set_num_threads(self._share)
+            return job()
+
+        return [f.result() for f in [self._pool.submit(on_share, job) for job in jobs]]
+
+
+_POOL: tuple[int, int, ThreadPoolExecutor] | None = None  # (process id, threads, the pool)
+_POOL_LOCK = threading.Lock()
+
+
+def _worker_pool(threads: int) -> ThreadPoolExecutor:
+    """The process's ``threads`` threads for the blocks' restricted products: made at first use and kept, because a
+    thread's first autograd products are slower (with a new pair of threads per call the digits CNN's blocks took
+    1.13–1.14x the time of one thread, with kept ones 1.03–1.08x). Made anew for another number of threads and in a
+    forked child (threads do not survive a fork)."""
+    global _POOL
+    with _POOL_LOCK:
+        if _POOL is None or _POOL[:2] != (os.getpid(), threads):
+            if _POOL is not None and _POOL[0] == os.getpid():
+                _POOL[2].shutdown(wait=False)
+            _POOL = (os.getpid(), threads, ThreadPoolExecutor(threads, "block-products"))
+        return _POOL[2]
 
 
 def cpu_threads() -> int:
@@ -486,6 +600,11 @@ class _Chain:
             self.q = self._w / beta
         self._w = None
 
+    def advance(self, hq: Tensor) -> None:
+        """:meth:`absorb` then :meth:`decide`: one whole step (its two numbers reach the host at once)."""
+        alpha, beta = self.absorb(hq).tolist()
+        self.decide(alpha, beta)
+
     def vector(self) -> Tensor:
         """The unit Ritz vector of the top Ritz value."""
         s = self.eigh[1][:, -1].to(self.basis)
@@ -523,13 +642,7 @@ def _top_eigenvalues(
 ) -> list[_Chain]:
     starts = _starts(products, blocks, generator, init)
     chains = [_Chain(b, q, max_hvps, tol) for b, q in zip(blocks, starts, strict=True)]
-    active = list(chains)
-    while active:
-        hq = products.block_products([(c.block, c.q.unsqueeze(0)) for c in active])
-        steps = torch.stack([c.absorb(h[0]) for c, h in zip(active, hq, strict=True)]).tolist()
-        for c, (alpha, beta) in zip(active, steps, strict=True):  # one host transfer per step for all blocks
-            c.decide(alpha, beta)
-        active = [c for c in active if not c.done]
+    products.run_chains(chains)
     return chains
 
 

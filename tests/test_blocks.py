@@ -3,6 +3,7 @@ against dense float64 Hessians of an MLP, a CNN with BatchNorm (eval mode) and a
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -351,7 +352,12 @@ def test_the_threads_are_kept_from_call_to_call_and_made_anew_in_a_forked_child(
     pool = blocks_module._worker_pool(2)
     assert blocks_module._worker_pool(2) is pool and blocks_module._worker_pool(3) is not pool
     three = blocks_module._worker_pool(3)
-    monkeypatch.setattr(blocks_module.os, "getpid", lambda: -1)  # as in a forked child
+    if hasattr(os, "fork"):  # a forked child starts without the parent's pool (it only looks, and leaves)
+        child = os.fork()
+        if child == 0:
+            os._exit(0 if blocks_module._POOL is None else 1)
+        assert os.waitpid(child, 0)[1] == 0
+    blocks_module._forget_pool()  # (what the child ran)
     assert blocks_module._worker_pool(3) is not three
 
 

@@ -512,22 +512,32 @@ class _Restricted(_Products):
         return [f.result() for f in [self._pool.submit(on_share, job) for job in jobs]]
 
 
-_POOL: tuple[int, int, ThreadPoolExecutor] | None = None  # (process id, threads, the pool)
+_POOL: tuple[int, ThreadPoolExecutor] | None = None  # (threads, the pool)
 _POOL_LOCK = threading.Lock()
 
 
 def _worker_pool(threads: int) -> ThreadPoolExecutor:
     """The process's ``threads`` threads for the blocks' restricted products: made at first use and kept, because a
     thread's first autograd products are slower (with a new pair of threads per call the digits CNN's blocks took
-    1.13–1.14x the time of one thread, with kept ones 1.03–1.08x). Made anew for another number of threads and in a
-    forked child (threads do not survive a fork)."""
+    1.13–1.14x the time of one thread, with kept ones 1.03–1.08x). Made anew for another number of threads, and in
+    a forked child (:func:`_forget_pool`)."""
     global _POOL
     with _POOL_LOCK:
-        if _POOL is None or _POOL[:2] != (os.getpid(), threads):
-            if _POOL is not None and _POOL[0] == os.getpid():
-                _POOL[2].shutdown(wait=False)
-            _POOL = (os.getpid(), threads, ThreadPoolExecutor(threads, "block-products"))
-        return _POOL[2]
+        if _POOL is None or _POOL[0] != threads:
+            if _POOL is not None:
+                _POOL[1].shutdown(wait=False)
+            _POOL = (threads, ThreadPoolExecutor(threads, "block-products"))
+        return _POOL[1]
+
+
+def _forget_pool() -> None:
+    """In a forked child: the parent's threads did not come along (nor may its lock be free)."""
+    global _POOL, _POOL_LOCK
+    _POOL, _POOL_LOCK = None, threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):  # (no fork on Windows)
+    os.register_at_fork(after_in_child=_forget_pool)
 
 
 def cpu_threads() -> int:
@@ -795,8 +805,9 @@ def block_curvature(
 ) -> BlockResult:
     """Top Hessian eigenvalue and trace of every parameter block of ``model``, computed together.
 
-    The blocks' Lanczos runs advance in lockstep from their parts of one whole product ``H z`` and their trace
-    probes go in two rounds (see :func:`block_estimates`); the products come from one operator over all the blocks,
+    The blocks' Lanczos runs start from their parts of one whole product ``H z`` and advance together (in lockstep,
+    see :func:`block_estimates`, or each at its own pace on CPU threads, see the module's docstring) and their trace
+    probes go in two rounds; the products come from one operator over all the blocks,
     masked rows batched or each restricted to its block (``products``); either way one gradient graph serves all
     blocks and the product method is chosen and checked once.
 

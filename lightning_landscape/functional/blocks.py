@@ -512,32 +512,30 @@ class _Restricted(_Products):
         return [f.result() for f in [self._pool.submit(on_share, job) for job in jobs]]
 
 
-_POOL: tuple[int, ThreadPoolExecutor] | None = None  # (threads, the pool)
-_POOL_LOCK = threading.Lock()
+_POOLS: dict[int, ThreadPoolExecutor] = {}  # by number of threads
+_POOLS_LOCK = threading.Lock()
 
 
 def _worker_pool(threads: int) -> ThreadPoolExecutor:
     """The process's ``threads`` threads for the blocks' restricted products: made at first use and kept, because a
     thread's first autograd products are slower (with a new pair of threads per call the digits CNN's blocks took
-    1.13–1.14x the time of one thread, with kept ones 1.03–1.08x). Made anew for another number of threads, and in
-    a forked child (:func:`_forget_pool`)."""
-    global _POOL
-    with _POOL_LOCK:
-        if _POOL is None or _POOL[0] != threads:
-            if _POOL is not None:
-                _POOL[1].shutdown(wait=False)
-            _POOL = (threads, ThreadPoolExecutor(threads, "block-products"))
-        return _POOL[1]
+    1.13–1.14x the time of one thread, with kept ones 1.03–1.08x). One pool per number of threads (another call
+    may still be using the other), none carried into a forked child (:func:`_forget_pools`)."""
+    with _POOLS_LOCK:
+        if threads not in _POOLS:
+            _POOLS[threads] = ThreadPoolExecutor(threads, "block-products")
+        return _POOLS[threads]
 
 
-def _forget_pool() -> None:
+def _forget_pools() -> None:
     """In a forked child: the parent's threads did not come along (nor may its lock be free)."""
-    global _POOL, _POOL_LOCK
-    _POOL, _POOL_LOCK = None, threading.Lock()
+    global _POOLS_LOCK
+    _POOLS.clear()
+    _POOLS_LOCK = threading.Lock()
 
 
 if hasattr(os, "register_at_fork"):  # (no fork on Windows)
-    os.register_at_fork(after_in_child=_forget_pool)
+    os.register_at_fork(after_in_child=_forget_pools)
 
 
 def cpu_threads() -> int:

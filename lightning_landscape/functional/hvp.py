@@ -329,6 +329,7 @@ class LossOperator(EnteredOperator):
         self._building = threading.RLock()  # one thread at a time substitutes the parameters to build a graph
         self._restricted_failed = False  # restricted_hvp warned of an unexpected failure
         self._backward_reads_module: bool | None = None  # None until the first backward pass was checked
+        self._loss_failed = False  # the last loss_fn call raised (a forward's error, not the backward pass's)
         self._own: dict[int, str] | None = None  # the module's parameters by id (see _own_parameters)
         self.size = self.spec.numel
         self.device = self.spec.device
@@ -563,7 +564,10 @@ class LossOperator(EnteredOperator):
                         value = copies[id(source[1])] = self._copy(*source)
                 saved.append(table[key])
                 table[key] = value
-            return self._loss_fn(self.model, batch)
+            self._loss_failed = True
+            loss = self._loss_fn(self.model, batch)
+            self._loss_failed = False
+            return loss
         finally:  # last in, first out: a module reached under two names (one table, two slots) ends as it was
             for (table, key, _), original in reversed(list(zip(slots, saved, strict=False))):
                 table[key] = original
@@ -582,8 +586,9 @@ class LossOperator(EnteredOperator):
         segment in the backward pass from the module's own parameters, not from the tensors the measurement put in
         their place, so second derivatives (and finite differences at a shifted point) would come out wrong without
         an error (whole-model λ1 3e-2 off, a layer's inside the segment 17–60%, on a small MLP with LayerNorm).
-        Such a model is refused with :class:`MeasurementError` when that first pass fails with the parameters out of
-        reach and not with them in place (a recomputation that reads no parameter recomputes exact values)."""
+        Such a model is refused with :class:`MeasurementError` when that first pass fails in its backward pass with the
+        parameters out of reach and not with them in place (a recomputation that reads no parameter recomputes exact
+        values); an error of ``loss_fn`` itself is the caller's, raised as it is."""
         if self._backward_reads_module is False or not self._substitutes_in_place():
             return compute()
         if self._backward_reads_module:
@@ -595,6 +600,8 @@ class LossOperator(EnteredOperator):
         except Exception as err:
             if is_out_of_memory(err):
                 raise
+            if self._loss_failed:  # the loss itself raised, not a recomputation in the backward pass: as it is
+                return compute()  # (its own error again; a loss that raised once: checked at the next pass)
             try:
                 compute()  # raises its own error if the parameters' absence was not the reason
             except CheckpointError as again:  # (the recomputation refused the stand-ins as well)

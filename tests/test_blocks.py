@@ -292,7 +292,7 @@ def test_the_blocks_run_side_by_side_on_threads_where_measured_faster(monkeypatc
             assert fresh.submit(torch.get_num_threads).result() == 2
     finally:
         torch.set_num_threads(before)
-    assert r.threads == (2 if faster else 1)
+    assert r.threads == 2  # (some products ran there either way)
     eig = [(block, on_main) for phase, block, on_main in seen if phase == "eig"]
     first = next(iter(r.blocks))
     assert eig[0] == (first, True)  # the trial: alone
@@ -349,16 +349,16 @@ def test_the_threads_are_kept_from_call_to_call_and_made_anew_in_a_forked_child(
         monkeypatch.setattr(blocks_module._Restricted, "_restricted", original)
         names.append(seen - {threading.main_thread().ident})
     assert names[0] and names[1] <= names[0]  # the second call's threads are the first call's
-    pool = blocks_module._worker_pool(2)
-    assert blocks_module._worker_pool(2) is pool and blocks_module._worker_pool(3) is not pool
-    assert blocks_module._worker_pool(2) is pool  # (kept: another call may still use it)
+    pool = blocks_module._worker_pool(2, 1)
+    assert blocks_module._worker_pool(2, 1) is pool and blocks_module._worker_pool(3, 1) is not pool
+    assert blocks_module._worker_pool(2, 2) is not pool and blocks_module._worker_pool(2, 1) is pool  # (kept)
     if hasattr(os, "fork"):  # a forked child starts without the parent's pools (it only looks, and leaves)
         child = os.fork()
         if child == 0:
             os._exit(0 if not blocks_module._POOLS else 1)
         assert os.waitpid(child, 0)[1] == 0
     blocks_module._forget_pools()  # (what the child ran)
-    assert blocks_module._worker_pool(2) is not pool
+    assert blocks_module._worker_pool(2, 1) is not pool
 
 
 def test_threads_put_back_torch_default_not_the_callers_own_setting(monkeypatch):
@@ -391,6 +391,75 @@ def test_threads_put_back_torch_default_not_the_callers_own_setting(monkeypatch)
         assert threads in (1, 2)  # (whichever measured faster: not the point here)
     finally:
         torch.set_num_threads(before)
+
+
+def test_torch_default_stays_during_calls_and_after_two_at_once(monkeypatch):
+    """The threads' own settings must not leak into torch's default, which a thread takes at its first use of torch:
+    threads started during a call, and after calls on two models at once, get the default (two calls at once used
+    to read each other's setting as the default and put that back for good)."""
+    monkeypatch.setattr(blocks_module, "cpu_threads", lambda: 2)
+    monkeypatch.setattr(blocks_module, "MIN_THREADED_STEP", 0.0)
+    (a, batches_a), (b, batches_b) = cnn(), mlp()
+    original, during = blocks_module._Restricted._restricted, []
+
+    def spy(self, item):
+        if threading.current_thread() is not threading.main_thread() and len(during) < 5:
+            with ThreadPoolExecutor(1) as fresh:  # a thread other code starts during the call
+                during.append(fresh.submit(torch.get_num_threads).result())
+        return original(self, item)
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        block_curvature(a, loss_fn, batches_a, "layer", tol=1e-6, trace=False)  # (the threads exist from here on)
+        monkeypatch.setattr(blocks_module._Restricted, "_restricted", spy)
+        r = block_curvature(a, loss_fn, batches_a, "layer", tol=1e-6, trace=False)
+        assert r.threads == 2 and during and set(during) == {2}
+        for _ in range(5):
+            with ThreadPoolExecutor(2) as two:
+                calls = [
+                    two.submit(block_curvature, m, loss_fn, d, "layer", tol=1e-6, trace=False)
+                    for m, d in ((a, batches_a), (b, batches_b))
+                ]
+                assert all(c.result(timeout=120).eigenvalues for c in calls)
+            with ThreadPoolExecutor(1) as fresh:
+                assert fresh.submit(torch.get_num_threads).result() == 2
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_an_error_on_a_thread_reaches_the_caller_after_the_threads_stopped(monkeypatch):
+    """A Lanczos step failing on one thread: the error is the caller's, raised once every thread has stopped (no
+    product still running as the call ends), and the next call is as before."""
+    model, batches = cnn()
+    monkeypatch.setattr(blocks_module, "cpu_threads", lambda: 2)
+    monkeypatch.setattr(blocks_module, "MIN_THREADED_STEP", 0.0)
+    good = block_curvature(model, loss_fn, batches, "layer", tol=1e-8, trace=False)
+    original_advance, original_product = blocks_module._Chain.advance, blocks_module._Restricted._restricted
+    running = [0]
+
+    def advance(self, hq):  # the first block's third step fails; the other thread's blocks would go on
+        if threading.current_thread() is not threading.main_thread() and self.m >= 2 and self.block.name == "0":
+            raise RuntimeError("a step failed (simulated)")
+        return original_advance(self, hq)
+
+    def product(self, item):
+        running[0] += 1
+        try:
+            time.sleep(0.03)
+            return original_product(self, item)
+        finally:
+            running[0] -= 1
+
+    monkeypatch.setattr(blocks_module._Chain, "advance", advance)
+    monkeypatch.setattr(blocks_module._Restricted, "_restricted", product)
+    with pytest.raises(RuntimeError, match="a step failed"):
+        block_curvature(model, loss_fn, batches, "layer", tol=1e-8, trace=False)
+    assert running[0] == 0
+    monkeypatch.setattr(blocks_module._Chain, "advance", original_advance)
+    again = block_curvature(model, loss_fn, batches, "layer", tol=1e-8, trace=False)
+    assert again.eigenvalues == pytest.approx(good.eigenvalues, rel=1e-10)
 
 
 def test_restricted_products_failing_on_the_threads_fall_back_with_one_warning(monkeypatch):

@@ -36,7 +36,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -169,8 +169,9 @@ class BlockResult:
         hvp_method: the product method that ran.
         rows_batched: with ``products="shared"``, whether the blocks' rows went through one batched product (``True``)
             or row by row (``False``), as measured faster; ``None`` when not decided (or ``products="per_block"``).
-        threads: with ``products="per_block"`` on a CPU, the threads the blocks ran on side by side (1: one after
-            another, where that measured faster, a step was too quick to try threads, only one thread may run, or the
+        threads: with ``products="per_block"`` on a CPU, the threads the blocks' products ran on side by side, all
+            or some of them (after a switch back to one after another, only the few that measured it); 1: every
+            product on the caller's thread (a step too quick to try threads, only one thread may run, or the
             products fell back to one operator per block; see :func:`cpu_threads` and :data:`MIN_THREADED_STEP`).
     """
 
@@ -368,7 +369,7 @@ class _Restricted(_Products):
         self.concurrent: bool | None = None if self.threads > 1 else False  # None: not measured yet
         self._seconds: dict[str, float] = {}  # each block's first product, run alone
         self._pool: ThreadPoolExecutor | None = None
-        self._share = 1  # torch threads for each of the pool's threads
+        self.used_threads = False  # a product came from the threads
 
     def extra_hvps(self) -> int:
         """Products spent besides the blocks' own (the start's, choosing), the per-block operators' included."""
@@ -428,18 +429,18 @@ class _Restricted(_Products):
         once more before the threads stop (one slow step is often a hiccup of the machine)."""
         width = min(self.threads, len(chains))
         pending, lock = list(reversed(chains)), threading.Lock()
-        busy, looks = 0, 0
+        busy, looks, failed = 0, 0, False
 
         def go_on(c: _Chain) -> bool:
             with lock:
                 full = bool(pending) or busy == width  # every thread still has a chain
-            return not c.done and full and self.concurrent is not False and self.shared_graph
+            return not c.done and full and self.concurrent is not False and self.shared_graph and not failed
 
         def run() -> None:
-            nonlocal busy, looks
+            nonlocal busy, looks, failed
             while True:
                 with lock:
-                    if not pending:
+                    if not pending or failed:
                         return
                     c = pending.pop()
                     busy += 1
@@ -450,6 +451,7 @@ class _Restricted(_Products):
                         if hq is None:  # from now on through per-block operators, on the caller's thread
                             self.shared_graph = False
                             return
+                        self.used_threads = True
                         c.advance(hq[0])
                         if c is trial and self.concurrent is None:
                             looks += 1
@@ -459,6 +461,9 @@ class _Restricted(_Products):
                                 self.concurrent = False
                     if not c.done:
                         return
+                except BaseException:
+                    failed = True  # the other threads stop after their current step; the caller gets the error
+                    raise
                 finally:
                     with lock:
                         busy -= 1
@@ -485,6 +490,7 @@ class _Restricted(_Products):
             return out
         start = self._clock()
         out = self._on_threads([functools.partial(self._restricted, item) for item in work])  # (costly ones first)
+        self.used_threads |= any(o is not None for o in out)
         if self.concurrent is None:
             alone = [self._seconds.get(block.name) for block, _ in work]
             if None not in alone:
@@ -492,39 +498,53 @@ class _Restricted(_Products):
         return out
 
     def _on_threads(self, jobs: Sequence[Callable[[], Any]]) -> list[Any]:
-        """Run ``jobs`` on the process's threads (:func:`_worker_pool`), each on its share of torch's threads (at least
-        one: several threads each spreading every operation over all the cores would fight over them); their results
-        in order. Setting a thread's share also sets torch's default for threads started later: when the blocks are
-        done, one of the threads puts back the default it had (read in a fresh thread, which starts from it), so
-        that no other thread's own setting changes."""
+        """Run ``jobs`` on the process's threads (:func:`_worker_pool`), each running its operations on its share of
+        torch's threads (at least one: several threads each spreading every operation over all the cores would fight
+        over them); their results in order, after every job ended (the first error, if any, then raised)."""
         if self._pool is None:
-            self._share = max(1, torch.get_num_threads() // self.threads)
-            with ThreadPoolExecutor(1) as fresh:
-                default = fresh.submit(torch.get_num_threads).result()
-            pool = self._pool = _worker_pool(self.threads)
-            self.stack.callback(lambda: pool.submit(torch.set_num_threads, default).result())
-
-        def on_share(job: Callable[[], Any]) -> Any:
-            if torch.get_num_threads() != self._share:
-                torch.set_num_threads(self._share)
-            return job()
-
-        return [f.result() for f in [self._pool.submit(on_share, job) for job in jobs]]
+            self._pool = _worker_pool(self.threads, max(1, torch.get_num_threads() // self.threads))
+        futures = [self._pool.submit(job) for job in jobs]
+        wait(futures)
+        return [f.result() for f in futures]
 
 
-_POOLS: dict[int, ThreadPoolExecutor] = {}  # by number of threads
+_POOLS: dict[tuple[int, int], ThreadPoolExecutor] = {}  # by (threads, torch threads of each)
 _POOLS_LOCK = threading.Lock()
 
 
-def _worker_pool(threads: int) -> ThreadPoolExecutor:
-    """The process's ``threads`` threads for the blocks' restricted products: made at first use and kept, because a
-    thread's first autograd products are slower (with a new pair of threads per call the digits CNN's blocks took
-    1.13–1.14x the time of one thread, with kept ones 1.03–1.08x). One pool per number of threads (another call
-    may still be using the other), none carried into a forked child (:func:`_forget_pools`)."""
+def _worker_pool(threads: int, share: int) -> ThreadPoolExecutor:
+    """The process's ``threads`` threads for the blocks' restricted products, each running its operations on
+    ``share`` of torch's threads: made at first use and kept, because a thread's first autograd products are slower
+    (with a new pair of threads per call the digits CNN's blocks took 1.13–1.14x the time of one thread, with kept
+    ones 1.03–1.08x). One pool per ``(threads, share)`` (another call may still be using another one), none carried
+    into a forked child (:func:`_forget_pools`).
+
+    Setting a thread's number of torch threads also sets torch's default, which a thread takes at its first use of
+    torch: while a pool is made its threads set theirs, then the default is put back (read before in a fresh thread,
+    set again from a fresh one), so it differs only during the making of a pool, never during a measurement."""
+    key = (threads, share)
     with _POOLS_LOCK:
-        if threads not in _POOLS:
-            _POOLS[threads] = ThreadPoolExecutor(threads, "block-products")
-        return _POOLS[threads]
+        if key not in _POOLS:
+            default = _in_fresh_thread(torch.get_num_threads)
+            pool = ThreadPoolExecutor(threads, "block-products")
+            ready = threading.Barrier(threads)
+
+            def start() -> None:  # once on each of the pool's threads (all wait at the barrier: no thread runs two)
+                torch.get_num_threads()  # (the thread takes torch's default first, so that the share stays)
+                torch.set_num_threads(share)
+                ready.wait(timeout=60)
+
+            for future in [pool.submit(start) for _ in range(threads)]:
+                future.result()
+            _in_fresh_thread(lambda: (torch.get_num_threads(), torch.set_num_threads(default)))
+            _POOLS[key] = pool
+        return _POOLS[key]
+
+
+def _in_fresh_thread(fn: Callable[[], Any]) -> Any:
+    """``fn()`` on a new thread (which takes torch's default number of threads at its first use of torch)."""
+    with ThreadPoolExecutor(1) as fresh:
+        return fresh.submit(fn).result()
 
 
 def _forget_pools() -> None:
@@ -776,8 +796,7 @@ def _estimate(
     result.total_hvps = sum(result.num_hvps.values()) + products.extra_hvps()
     result.hvp_method = products.method
     result.rows_batched = getattr(products, "batched", None)
-    threaded = getattr(products, "concurrent", False) and products.shared_graph  # (no threads for per-block operators)
-    result.threads = products.threads if threaded else 1
+    result.threads = products.threads if getattr(products, "used_threads", False) else 1
     return result
 
 

@@ -423,10 +423,11 @@ class _Restricted(_Products):
         order: the costly early layers first) and runs it step by step; once no chain is left to take and a thread
         goes idle, the others stop after their current step and leave their chains to the caller's thread (a long
         chain then goes on with all of torch's threads, not one thread's share). ``trial``'s next step, timed on
-        its thread, decides whether the threads stay: they do if it took less than
-        ``width`` times its step alone (``alone`` seconds), ``width`` being the threads that run at once, so that
-        the threads get through more steps per second than one thread after another; a step above that is timed
-        once more before the threads stop (one slow step is often a hiccup of the machine)."""
+        its thread, decides whether the threads stay: they do if it took less than ``width`` times its step alone
+        (``alone`` seconds), ``width`` being the threads that run at once, so that the threads get through more
+        steps per second than one thread after another; a step above that is timed once more before the threads
+        stop (one slow step is often a hiccup of the machine). An error on one thread stops the others after their
+        current step."""
         width = min(self.threads, len(chains))
         pending, lock = list(reversed(chains)), threading.Lock()
         busy, looks, failed = 0, 0, False
@@ -824,9 +825,9 @@ def block_curvature(
 
     The blocks' Lanczos runs start from their parts of one whole product ``H z`` and advance together (in lockstep,
     see :func:`block_estimates`, or each at its own pace on CPU threads, see the module's docstring) and their trace
-    probes go in two rounds; the products come from one operator over all the blocks,
-    masked rows batched or each restricted to its block (``products``); either way one gradient graph serves all
-    blocks and the product method is chosen and checked once.
+    probes go in two rounds; the products come from one operator over all the blocks, masked rows batched or each
+    restricted to its block (``products``); either way one gradient graph serves all blocks and the product method
+    is chosen and checked once.
 
     Args:
         model: any ``nn.Module``; left exactly as it was.

@@ -11,6 +11,7 @@ from _models import SoftplusAct, cross_entropy
 from torch import nn
 
 from lightning_landscape import HessianCallback, LossLandscapeCallback
+from lightning_landscape.callbacks import _base as base_module
 
 CALLBACKS = {
     "hessian": lambda **kw: HessianCallback(every_n_train_steps=2, top_k=1, max_hvps=8, **kw),
@@ -88,13 +89,21 @@ def _first_measurement_nan():
     return loss_fn
 
 
+@pytest.mark.parametrize("call", [1, 2])
 @pytest.mark.parametrize("name", sorted(CALLBACKS))
-def test_loss_fn_raising_once(tmp_path, name):
-    cb = CALLBACKS[name](loss_fn=_FailOnCall(2))
+def test_loss_fn_raising_once(tmp_path, monkeypatch, name, call):
+    """Also on its very first call (the first backward pass's checkpointing check, which once hid it by calling
+    the loss again); the fit's summary line counts the skipped measurement apart."""
+    said = []
+    monkeypatch.setattr(base_module, "rank_zero_info", lambda message, *a, **k: said.append(message))
+    cb = CALLBACKS[name](loss_fn=_FailOnCall(call))
     module, skipped = _fit(tmp_path, cb)
     assert module.trainer.global_step == 6
     assert len(skipped) == 1 and "injected failure" in str(skipped[0].message)
     assert cb.last_metrics, "the next scheduled measurement ran"
+    summary = [m for m in said if "in this fit, at step(s)" in m]
+    assert len(summary) == 1 and "2 measurement(s) in this fit, at step(s) 4, 6;" in summary[0], summary
+    assert "1 skipped (a warning said why), at step(s) 2;" in summary[0]
 
 
 @pytest.mark.parametrize("name", sorted(CALLBACKS))

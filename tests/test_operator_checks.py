@@ -455,8 +455,9 @@ def test_non_reentrant_checkpointing_is_refused_where_it_would_give_wrong_deriva
 
 def test_an_error_of_the_loss_itself_is_not_taken_for_checkpointing():
     """The first backward pass runs with the module's parameters out of reach (checkpointing's test); a loss_fn that
-    raises there raised a MeasurementError about checkpointing before. Now: a loss that always raises gives its own
-    error; one that raised once (its first call) is measured, exactly, and the check runs at the next pass."""
+    raised there gave a MeasurementError about checkpointing before. Now its own error, raised as it is (also when
+    it raises on that first call only: not tried again, so that it cannot pass unseen); the next call is measured,
+    exactly, and a checkpointed model is still refused after such an error."""
     torch.manual_seed(0)
     model = _Checkpointed(checkpointed=False).double().eval()
     batches = [(torch.randn(32, 4, dtype=torch.float64), torch.randint(0, 3, (32,)))]
@@ -464,22 +465,26 @@ def test_an_error_of_the_loss_itself_is_not_taken_for_checkpointing():
 
     def flaky(m, batch):
         calls[0] += 1
-        if calls[0] == 1 or always:
+        if calls[0] == 1 or always[0]:
             raise KeyError("the user's own error")
         return cross_entropy(m, batch)
 
-    always = True
-    with pytest.raises(KeyError, match="the user's own error"):
-        LF.hessian_eigenvalues(model, flaky, batches, k=1)
-    always, calls[0] = False, 0
     h = dense_hessian(model, cross_entropy, batches)
-    r = LF.hessian_eigenvalues(model, flaky, batches, k=1, tol=1e-8)
+    always = [True]
+    for always[0] in (True, False):
+        calls[0] = 0
+        with pytest.raises(KeyError, match="the user's own error"):
+            LF.hessian_eigenvalues(model, flaky, batches, k=1)
+        calls[0] = 0
+        with pytest.raises(KeyError, match="the user's own error"):
+            LF.block_curvature(model, flaky, batches, "module", trace=False)
+    r = LF.hessian_eigenvalues(model, flaky, batches, k=1, tol=1e-8)  # (its first call is behind it)
     assert float(r.eigenvalues[0]) == pytest.approx(float(torch.linalg.eigvalsh(h)[-1]), rel=1e-6)
-    calls[0] = 0
-    b = LF.block_curvature(model, flaky, batches, "module", tol=1e-8, trace=False)
-    assert b.eigenvalues and all(b.converged.values())
     checkpointed = copy.deepcopy(model)
     checkpointed.checkpointed = True
-    calls[0] = 0  # a loss that raised once does not hide checkpointing: the next pass still refuses it
-    with pytest.raises(LF.MeasurementError, match="runs part of the forward again"):
-        LF.hessian_eigenvalues(checkpointed, flaky, batches, k=1)
+    with LF.LossOperator(checkpointed, flaky, batches) as op:
+        calls[0] = 0
+        with pytest.raises(KeyError, match="the user's own error"):
+            op.hvp(torch.ones(1, op.size, dtype=torch.float64))
+        with pytest.raises(LF.MeasurementError, match="runs part of the forward again"):
+            op.hvp(torch.ones(1, op.size, dtype=torch.float64))  # the next pass checks anew

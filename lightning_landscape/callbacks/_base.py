@@ -177,6 +177,7 @@ class MeasurementCallback(*callback_bases()):
         self._validated = False  # the exact-product check ran once (LossOperator(validate=...))
         self._measured_in_fit = 0
         self._fit_steps: list[int] = []  # steps measured in this fit (the summary at its end)
+        self._fit_skipped: list[int] = []  # of those, the ones whose measurement failed and was skipped
         self._posthoc_batches: list[Any] = []  # trainer.validate() / test(): batches for one measurement
         self._countdown = [0]  # batches until on_train_batch_end next reads the optimizer step
         self._last_step = -1
@@ -397,7 +398,7 @@ class MeasurementCallback(*callback_bases()):
             self._probe = self._take_probe(trainer, pl_module)
         self._fixed_spent = 0.0
         self._measured_in_fit = 0
-        self._fit_steps = []
+        self._fit_steps, self._fit_skipped = [], []
         self._countdown = [0]  # read the step at the first batch
         if self._budget is not None:
             self._budget.start(time.perf_counter(), trainer.global_step)
@@ -430,10 +431,17 @@ class MeasurementCallback(*callback_bases()):
             self._run(trainer, pl_module)
         if self._fit_steps:
             seconds = self._spent_seconds
+            done = list(self._fit_steps)
+            for s in self._fit_skipped:
+                done.remove(s)
+            skipped = (
+                f"{len(self._fit_skipped)} skipped (a warning said why), at step(s) {_steps(self._fit_skipped)}; "
+                if self._fit_skipped
+                else ""
+            )
             rank_zero_info(
-                f"{type(self).__name__}: {len(self._fit_steps)} measurement(s) in this fit, at step(s) "
-                f"{', '.join(map(str, self._fit_steps[:12]))}{' …' if len(self._fit_steps) > 12 else ''}; "
-                f"{seconds:.1f} s in all."
+                f"{type(self).__name__}: {len(done)} measurement(s) in this fit, at step(s) {_steps(done)}; "
+                f"{skipped}{seconds:.1f} s in all."
                 + (
                     " For more frames give a larger max_overhead, or every_n_epochs / every_n_train_steps."
                     if self.budgeted
@@ -709,6 +717,7 @@ class MeasurementCallback(*callback_bases()):
         if trainer.world_size > 1 and trainer.strategy.reduce_boolean_decision(error is not None, all=False):
             error = error or MeasurementError("the measurement failed on another process")
         if error is not None:
+            self._fit_skipped.append(trainer.global_step)
             self._logger.warn_once(
                 f"skip-{type(error).__name__}",
                 f"skipped the measurement at step {trainer.global_step} ({type(error).__name__}: {error}). "
@@ -720,6 +729,11 @@ class MeasurementCallback(*callback_bases()):
         metrics[f"{self.prefix}/seconds"] = time.perf_counter() - start
         self.last_metrics = metrics
         self._logger.log(trainer, metrics, figures, step=self._log_step)
+
+
+def _steps(steps: list[int]) -> str:
+    """Steps for a summary line: the first 12, then an ellipsis."""
+    return f"{', '.join(map(str, steps[:12]))}{' …' if len(steps) > 12 else ''}"
 
 
 def _fn(trainer: Trainer) -> str:

@@ -594,6 +594,7 @@ class LossOperator(EnteredOperator):
         if self._backward_reads_module:
             raise self._reads_module_error()
         self._own_parameters()  # (the substitution check's names, while the parameters are in place)
+        self._loss_failed = False
         try:
             with self._parameters_out_of_reach():
                 out = compute()
@@ -601,7 +602,7 @@ class LossOperator(EnteredOperator):
             if is_out_of_memory(err):
                 raise
             if self._loss_failed:  # the loss itself raised, not a recomputation in the backward pass: as it is
-                return compute()  # (its own error again; a loss that raised once: checked at the next pass)
+                raise  # (not tried again: a loss that fails once must not pass unseen; the next pass checks anew)
             try:
                 compute()  # raises its own error if the parameters' absence was not the reason
             except CheckpointError as again:  # (the recomputation refused the stand-ins as well)
@@ -976,15 +977,19 @@ class LossOperator(EnteredOperator):
         """Try the ``auto`` chain on one vector and the first batch (on its kept gradient graph); all processes
         agree. Running out of memory is not a method's failure: it raises :class:`_OutOfMemory` for the caller to
         make room. With one probe batch and one process the product is the first vector's whole product: it is
-        kept for :meth:`hvp` to return instead of computing it again."""
+        kept for :meth:`hvp` to return instead of computing it again. An error of ``loss_fn`` itself is raised as it
+        is in one process (not a method's failure: the next method would hide it)."""
         errors = []
         for name, math_sdpa in _AUTO_CHAIN:
             hv: Tensor | None = None
             try:
                 self.probe_hvps = 1
+                self._loss_failed = False
                 hv = self._local_hvp(probe, name, math_sdpa, first=True)
                 failure = None if bool(torch.isfinite(hv).all()) else MeasurementError("non-finite HVP")
             except (RuntimeError, NotImplementedError) as err:
+                if self._loss_failed and self.reduce_fn is None and not is_out_of_memory(err):
+                    raise  # loss_fn's own error, not the method's: as it is (several processes must agree: below)
                 failure = err
             if failure is not None:
                 self._graphs.clear()  # a graph built for a method (or attention backend) that failed: not re-used

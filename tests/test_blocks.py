@@ -462,6 +462,15 @@ def test_an_error_on_a_thread_reaches_the_caller_after_the_threads_stopped(monke
     assert again.eigenvalues == pytest.approx(good.eigenvalues, rel=1e-10)
 
 
+def test_a_non_finite_product_names_the_block():
+    """A NaN in a block's products used to surface as linalg.eigh's failure to converge; now a MeasurementError that
+    names the block (the callbacks skip such a measurement with one warning)."""
+    a = torch.eye(4, dtype=torch.float64)
+    a[2, 3] = a[3, 2] = float("nan")
+    with pytest.raises(blocks_module.MeasurementError, match="block 'late': a non-finite Hessian-vector product"):
+        block_estimates(DenseOperator(a), {"early": [0, 1], "late": [2, 3]}, trace=False)
+
+
 def test_restricted_products_failing_on_the_threads_fall_back_with_one_warning(monkeypatch):
     model, batches = cnn()
     h = exact_hessian(model, batches)

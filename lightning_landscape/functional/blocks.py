@@ -48,7 +48,7 @@ from ._params import ParamsArg, select_parameters
 from ._random import gaussian, make_generator, rademacher
 from ._sharded import is_sharded
 from ._space import EUCLIDEAN
-from .hvp import LossFn, LossOperator
+from .hvp import LossFn, LossOperator, MeasurementError
 
 __all__ = [
     "BLOCK_SPLITS",
@@ -605,6 +605,11 @@ class _Chain:
 
     def decide(self, alpha: float, beta: float) -> None:
         """Record the step (``α``, ``β`` as floats) and decide whether the block is done."""
+        if not (math.isfinite(alpha) and math.isfinite(beta)):
+            raise MeasurementError(
+                f"block {self.block.name!r}: a non-finite Hessian-vector product (NaN or inf) at its Lanczos step "
+                f"{self.m + 1}: the loss has no finite second derivatives in this block at these weights."
+            )
         self.m += 1
         self.alpha.append(alpha)
         self.scale = max(self.scale, abs(alpha), beta)

@@ -320,7 +320,7 @@ def test_a_block_left_alone_on_the_threads_comes_back_to_the_caller(monkeypatch)
     h = exact_hessian(model, batches)
     monkeypatch.setattr(blocks_module, "cpu_threads", lambda: 2)
     blocks = {"slow": "0.*", "quick": "6.*"}
-    seen = _record_products(monkeypatch, lambda block, on_main: time.sleep(0.03 if block == "slow" else 0.001))
+    seen = _record_products(monkeypatch, lambda block, on_main: time.sleep(0.05 if block == "slow" else 0.001))
     r = block_curvature(model, loss_fn, batches, blocks, tol=1e-8, trace=False, products="per_block")
     slow = [m for _, b, m in seen if b == "slow"]
     assert r.num_hvps["slow"] >= 4 and slow[0] and not slow[1] and all(slow[2:])  # alone, one on a thread, back

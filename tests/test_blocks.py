@@ -336,18 +336,12 @@ def test_the_threads_are_kept_from_call_to_call_and_made_anew_in_a_forked_child(
     model, batches = cnn()
     monkeypatch.setattr(blocks_module, "cpu_threads", lambda: 2)
     monkeypatch.setattr(blocks_module, "MIN_THREADED_STEP", 0.0)
-    names: list[set[int]] = []
+    idents: list[set[int]] = []  # the threads of each call's products
+    _record_products(monkeypatch, lambda block, on_main: idents[-1].add(threading.get_ident()))
     for _ in range(2):
-        seen: set[int] = set()
-        original = blocks_module._Restricted._restricted
-        monkeypatch.setattr(
-            blocks_module._Restricted,
-            "_restricted",
-            lambda self, item, o=original, s=seen: (s.add(threading.get_ident()), o(self, item))[1],
-        )
+        idents.append(set())
         block_curvature(model, loss_fn, batches, "layer", tol=1e-8, trace=False, products="per_block")
-        monkeypatch.setattr(blocks_module._Restricted, "_restricted", original)
-        names.append(seen - {threading.main_thread().ident})
+    names = [s - {threading.main_thread().ident} for s in idents]
     assert names[0] and names[1] <= names[0]  # the second call's threads are the first call's
     pool = blocks_module._worker_pool(2, 1)
     assert blocks_module._worker_pool(2, 1) is pool and blocks_module._worker_pool(3, 1) is not pool
@@ -400,19 +394,18 @@ def test_torch_default_stays_during_calls_and_after_two_at_once(monkeypatch):
     monkeypatch.setattr(blocks_module, "cpu_threads", lambda: 2)
     monkeypatch.setattr(blocks_module, "MIN_THREADED_STEP", 0.0)
     (a, batches_a), (b, batches_b) = cnn(), mlp()
-    original, during = blocks_module._Restricted._restricted, []
+    during: list[int] = []
 
-    def spy(self, item):
-        if threading.current_thread() is not threading.main_thread() and len(during) < 5:
+    def spy(block: str, on_main: bool) -> None:
+        if not on_main and len(during) < 5:
             with ThreadPoolExecutor(1) as fresh:  # a thread other code starts during the call
                 during.append(fresh.submit(torch.get_num_threads).result())
-        return original(self, item)
 
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
         block_curvature(a, loss_fn, batches_a, "layer", tol=1e-6, trace=False)  # (the threads exist from here on)
-        monkeypatch.setattr(blocks_module._Restricted, "_restricted", spy)
+        _record_products(monkeypatch, spy)
         r = block_curvature(a, loss_fn, batches_a, "layer", tol=1e-6, trace=False)
         assert r.threads == 2 and during and set(during) == {2}
         for _ in range(5):
@@ -475,18 +468,14 @@ def test_restricted_products_failing_on_the_threads_fall_back_with_one_warning(m
     model, batches = cnn()
     h = exact_hessian(model, batches)
     monkeypatch.setattr(blocks_module, "cpu_threads", lambda: 2)
-    original_step, original_part = blocks_module._Restricted._restricted, LossOperator._restricted_part
-
-    def slow(self, item):  # threads measured faster (see above)
-        time.sleep(0.02)
-        return original_step(self, item)
+    original_part = LossOperator._restricted_part
+    _record_products(monkeypatch, lambda block, on_main: time.sleep(0.02))  # threads measured faster (see above)
 
     def main_thread_only(self, *args):  # e.g. an op whose backward works only on the main thread
         if threading.current_thread() is not threading.main_thread():
             raise RuntimeError("backward off the main thread (simulated)")
         return original_part(self, *args)
 
-    monkeypatch.setattr(blocks_module._Restricted, "_restricted", slow)
     monkeypatch.setattr(LossOperator, "_restricted_part", main_thread_only)
     with pytest.warns(RuntimeWarning, match="restricted Hessian-vector product failed") as caught:
         r = block_curvature(model, loss_fn, batches, "layer", tol=1e-8, trace=False, products="per_block")

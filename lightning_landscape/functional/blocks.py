@@ -405,7 +405,6 @@ class _Restricted(_Products):
         running it to its end, where measured faster (see the class docstring); else as :class:`_Products` does."""
         active = [c for c in chains if not c.done]
         if self.concurrent is None and self.shared_graph and len(active) > 1:
-            self._choose_method()
             for c in active:  # one step alone, timed: the first block that goes on after it is the trial block
                 start = self._clock()
                 c.advance(self.block_products([(c.block, c.q.unsqueeze(0))])[0][0])
